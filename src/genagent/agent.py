@@ -1,0 +1,930 @@
+"""The agent: configuration, and the multi-turn loop that runs it.
+
+An :class:`Agent` holds what to do (policy, tools, protocol, limits, judge, hooks); ``run``,
+``arun``, ``run_batch`` and ``iter`` do it. One run:
+
+```text
+prompt -> policy.generate(messages) -> reply -> protocol.parse -> tool call -> tool(args, ctx)
+   ^                                                                               |
+   +------------- observation message (<tool_response> image </tool_response>) <--+
+                                              ... until <answer>, max_rounds, max_turns, budget
+```
+
+Every step is recorded as a :class:`~genagent.trajectory.Turn` and shown to the hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from genagent._async import run_sync
+from genagent._version import __version__
+from genagent.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    GenAgentError,
+    HookError,
+    InvalidImageError,
+    ModelVisibleError,
+    PolicyError,
+    ProtocolError,
+    RunError,
+    ToolExecutionError,
+    ToolUnavailable,
+)
+from genagent.hooks import HookList, Hooks, RunContext
+from genagent.images import ImageRef, ImageStore, MemoryImageStore
+from genagent.messages import Message
+from genagent.policies._base import Policy, PolicyOutput, SamplingParams, describe_policy
+from genagent.protocol import GenAgentProtocol, ProtocolState, ReplyProtocol
+from genagent.rewards._base import Reward, RewardContext
+from genagent.rewards._output import RewardOutput
+from genagent.tasks import Task
+from genagent.tools._base import (
+    Tool,
+    ToolContext,
+    ToolProgress,
+    ToolResult,
+    coerce_tool_result,
+)
+from genagent.trajectory import (
+    Action,
+    ErrorInfo,
+    Termination,
+    ToolCall,
+    ToolOutcome,
+    Trajectory,
+    Turn,
+)
+
+__all__ = ["Agent", "FinalStep", "PolicyStep", "SeedPolicy", "Step", "ToolStep"]
+
+logger = logging.getLogger("genagent")
+
+SeedPolicy = Literal["per_round", "fixed", "random"]
+T = TypeVar("T")
+_SEED_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    """The policy replied; ``turn.action`` is the parsed action, or ``turn.error`` says why not.
+
+    Attributes:
+        turn: The turn (live: its tool result is filled in by a later ``ToolStep``).
+        output: The raw policy output.
+    """
+
+    turn: Turn
+    output: PolicyOutput
+
+
+@dataclass(frozen=True)
+class ToolStep:
+    """A tool call finished: images were produced, or ``outcome.error`` says what failed.
+
+    Attributes:
+        turn: The turn that made the call.
+        call: The call as executed (after hooks).
+        outcome: What was recorded.
+        images: The images produced (all candidates).
+    """
+
+    turn: Turn
+    call: ToolCall
+    outcome: ToolOutcome
+    images: tuple[ImageRef, ...]
+
+
+@dataclass(frozen=True)
+class FinalStep:
+    """The run ended; ``trajectory.termination`` says why."""
+
+    trajectory: Trajectory
+
+
+Step = PolicyStep | ToolStep | FinalStep
+"""What ``Agent.iter`` yields."""
+
+
+class Agent:
+    """An agentic text-to-image generator: a policy that calls image tools, judges and refines.
+
+    Configuration only; ``run`` / ``arun`` / ``run_batch`` / ``iter`` execute it. An agent is
+    safe to share between concurrent runs.
+
+    Args:
+        tool: The tool, or a list of tools (e.g. a generator and an editor). Default: the
+            offline simulator's tools (``SceneTool`` and ``SceneEditTool``).
+        tools: Alternative spelling of ``tool`` for several tools.
+        policy: The policy. Default: the simulator's ``HeuristicPolicy`` when every tool is a
+            simulator tool; otherwise a policy must be given.
+        protocol: The reply protocol (default: :class:`~genagent.protocol.GenAgentProtocol`).
+        max_rounds: Most images (tool calls that produce images) per run.
+        max_turns: Most policy calls per run (default ``2 * max_rounds + 2``).
+        time_budget_s: Wall-clock budget per run; when spent the run ends with
+            ``termination="budget"``.
+        candidates: Images per tool call (width scaling). With a ``judge``, the best one
+            continues the run; without, the policy sees them all and the first continues.
+        judge: A :class:`~genagent.rewards.Reward` that picks the best candidate.
+        show_candidates: ``"selected"`` (only the chosen image is shown to the policy) or
+            ``"all"``. Default: ``"selected"`` with a judge, ``"all"`` without.
+        rewards: Rewards computed on the final image of every run, stored in
+            ``Trajectory.rewards`` (a mapping name -> reward, or a list named by ``reward.name``).
+        max_retries: Consecutive unusable replies or model-visible tool errors tolerated before
+            the run ends with ``termination="error"``.
+        sampling: Sampling settings for the policy.
+        seed: Base seed of every run (``None``: a random one per run, recorded).
+        seed_policy: ``"per_round"`` (a new seed each round, derived from the base seed),
+            ``"fixed"`` (the base seed every round, as the GenAgent authors did) or ``"random"``.
+        hooks: A :class:`~genagent.hooks.Hooks` or a list of them, run in order.
+        image_store: Factory of the store each run puts its images in (default: in memory).
+        clock: Monotonic clock used for budgets (injectable for tests).
+
+    Example:
+        ```python
+        from genagent import Agent
+
+        trajectory = Agent().run("three red apples left of a blue cup", seed=0)
+        print(trajectory.termination, trajectory.num_rounds)
+        ```
+    """
+
+    def __init__(
+        self,
+        tool: Tool | Sequence[Tool] | None = None,
+        *,
+        tools: Sequence[Tool] | None = None,
+        policy: Policy | None = None,
+        protocol: ReplyProtocol | None = None,
+        max_rounds: int = 3,
+        max_turns: int | None = None,
+        time_budget_s: float | None = None,
+        candidates: int = 1,
+        judge: Reward | None = None,
+        show_candidates: Literal["selected", "all"] | None = None,
+        rewards: Mapping[str, Reward] | Sequence[Reward] = (),
+        max_retries: int = 2,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        seed_policy: SeedPolicy = "per_round",
+        hooks: Hooks | Sequence[Hooks] = (),
+        image_store: Callable[[], ImageStore] = MemoryImageStore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tools: dict[str, Tool] = _resolve_tools(tool, tools)
+        self.policy: Policy = _resolve_policy(policy, self.tools)
+        self.protocol: ReplyProtocol = protocol if protocol is not None else GenAgentProtocol()
+        if max_rounds < 1:
+            raise ConfigurationError(f"max_rounds must be at least 1, got {max_rounds}")
+        self.max_rounds = max_rounds
+        self.max_turns = max_turns if max_turns is not None else 2 * max_rounds + 2
+        if self.max_turns < 1:
+            raise ConfigurationError(f"max_turns must be at least 1, got {self.max_turns}")
+        if time_budget_s is not None and time_budget_s <= 0:
+            raise ConfigurationError(f"time_budget_s must be positive, got {time_budget_s}")
+        self.time_budget_s = time_budget_s
+        if candidates < 1:
+            raise ConfigurationError(f"candidates must be at least 1, got {candidates}")
+        self.candidates = candidates
+        if judge is not None and not isinstance(judge, Reward):
+            raise ConfigurationError(f"judge must be a Reward, got {type(judge).__name__}")
+        self.judge = judge
+        if show_candidates not in (None, "selected", "all"):
+            raise ConfigurationError(
+                f"show_candidates must be 'selected' or 'all', got {show_candidates!r}"
+            )
+        self.show_candidates: Literal["selected", "all"] = show_candidates or (
+            "selected" if judge is not None else "all"
+        )
+        self.rewards: dict[str, Reward] = _resolve_rewards(rewards)
+        if max_retries < 0:
+            raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
+        self.max_retries = max_retries
+        self.sampling = sampling or SamplingParams()
+        self.seed = seed
+        if seed_policy not in ("per_round", "fixed", "random"):
+            raise ConfigurationError(
+                f"seed_policy must be 'per_round', 'fixed' or 'random', got {seed_policy!r}"
+            )
+        self.seed_policy: SeedPolicy = seed_policy
+        self.hooks = HookList([hooks] if isinstance(hooks, Hooks) else list(hooks))
+        self.image_store = image_store
+        self.clock = clock
+
+    # ------------------------------------------------------------------ public API
+
+    def run(
+        self,
+        prompt: str | Task,
+        *,
+        seed: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Trajectory:
+        """Run the agent on one request and return its trajectory.
+
+        Works from plain scripts and from notebooks (where an event loop is already running).
+
+        Args:
+            prompt: The request, or a :class:`~genagent.tasks.Task` with scoring metadata.
+            seed: Base seed of this run (overrides the agent's).
+            metadata: Extra metadata recorded on the trajectory.
+
+        Raises:
+            RunError: ``ToolUnavailable``, ``PolicyError`` or ``HookError`` when the run cannot
+                go on; ``error.trajectory`` holds the partial trajectory.
+        """
+        return run_sync(self.arun(prompt, seed=seed, metadata=metadata))
+
+    async def arun(
+        self,
+        prompt: str | Task,
+        *,
+        seed: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Trajectory:
+        """Async :meth:`run`."""
+        final: Trajectory | None = None
+        async with contextlib.aclosing(self.iter(prompt, seed=seed, metadata=metadata)) as steps:
+            async for step in steps:
+                if isinstance(step, FinalStep):
+                    final = step.trajectory
+        assert final is not None  # the loop always ends with a FinalStep or raises
+        return final
+
+    def run_batch(
+        self,
+        prompts: Iterable[str | Task],
+        *,
+        concurrency: int = 8,
+        seeds: Sequence[int | None] | None = None,
+        raise_errors: bool = False,
+        progress: bool | None = None,
+    ) -> list[Trajectory]:
+        """Run many requests with at most ``concurrency`` runs in flight; results in order.
+
+        Args:
+            prompts: Requests or tasks.
+            concurrency: Most runs in flight at once.
+            seeds: One base seed per prompt (default: the agent's seed policy).
+            raise_errors: Re-raise the first run-ending error instead of recording it on that
+                run's trajectory (``termination="error"``).
+            progress: Show a progress bar (default: when standard error is a terminal).
+        """
+        return run_sync(
+            self.arun_batch(
+                prompts,
+                concurrency=concurrency,
+                seeds=seeds,
+                raise_errors=raise_errors,
+                progress=progress,
+            )
+        )
+
+    async def arun_batch(
+        self,
+        prompts: Iterable[str | Task],
+        *,
+        concurrency: int = 8,
+        seeds: Sequence[int | None] | None = None,
+        raise_errors: bool = False,
+        progress: bool | None = None,
+    ) -> list[Trajectory]:
+        """Async :meth:`run_batch`."""
+        from genagent._progress import progress_bar
+
+        tasks = [Task.coerce(p) for p in prompts]
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        if seeds is not None and len(seeds) != len(tasks):
+            raise ConfigurationError(f"got {len(seeds)} seeds for {len(tasks)} prompts")
+        semaphore = asyncio.Semaphore(concurrency)
+        results: list[Trajectory | None] = [None] * len(tasks)
+
+        with progress_bar(len(tasks), "runs", enabled=progress) as advance:
+
+            async def one(i: int) -> None:
+                async with semaphore:
+                    seed = seeds[i] if seeds is not None else None
+                    try:
+                        results[i] = await self.arun(tasks[i], seed=seed)
+                    except RunError as exc:
+                        if raise_errors or exc.trajectory is None:
+                            raise
+                        results[i] = exc.trajectory
+                    finally:
+                        advance()
+
+            await _gather_or_cancel([one(i) for i in range(len(tasks))])
+        return [r for r in results if r is not None]
+
+    async def iter(
+        self,
+        prompt: str | Task,
+        *,
+        seed: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AsyncGenerator[Step, None]:
+        """Run the agent step by step, yielding typed steps.
+
+        Yields a :class:`PolicyStep` per policy reply, a :class:`ToolStep` per tool call, and a
+        final :class:`FinalStep`.
+
+        Stopping the iteration early ends the run with ``termination="cancelled"``.
+
+        Example:
+            ```python
+            import asyncio
+            from genagent import Agent, FinalStep
+
+            async def main():
+                async for step in Agent().iter("two cats", seed=1):
+                    if isinstance(step, FinalStep):
+                        print(step.trajectory.termination)
+
+            asyncio.run(main())
+            ```
+        """
+        run = _Run(self, Task.coerce(prompt), seed, metadata)
+        async for step in run.steps():
+            yield step
+
+    # ------------------------------------------------------------------ helpers
+
+    def derive_seeds(self, base_seed: int, round_: int, count: int) -> list[int]:
+        """The seeds of ``count`` images of round ``round_`` (1-based) under the seed policy."""
+        if self.seed_policy == "random":
+            rng = random.SystemRandom()
+            return [rng.randrange(_SEED_LIMIT) for _ in range(count)]
+        if self.seed_policy == "fixed":
+            return [(base_seed + i) % _SEED_LIMIT for i in range(count)]
+        return [_hash_seed(base_seed, round_, i) for i in range(count)]
+
+    def describe(self) -> dict[str, Any]:
+        """The agent's settings, as recorded in trajectory metadata."""
+        return {
+            "max_rounds": self.max_rounds,
+            "max_turns": self.max_turns,
+            "time_budget_s": self.time_budget_s,
+            "candidates": self.candidates,
+            "judge": self.judge.describe() if self.judge is not None else None,
+            "show_candidates": self.show_candidates,
+            "max_retries": self.max_retries,
+            "seed_policy": self.seed_policy,
+            "sampling": self.sampling.model_dump(exclude_defaults=True),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Agent(tools={list(self.tools)}, policy={getattr(self.policy, 'name', '?')!r}, "
+            f"max_rounds={self.max_rounds})"
+        )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _ToolTurn:
+    call: ToolCall
+    outcome: ToolOutcome
+    images: tuple[ImageRef, ...] = ()
+    error: ModelVisibleError | None = None
+
+
+class _Run:
+    """The state of one run. Private: the public face is ``Agent.iter``."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        task: Task,
+        seed: int | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        self.agent = agent
+        self.store = agent.image_store()
+        base_seed = seed if seed is not None else agent.seed
+        if base_seed is None:
+            base_seed = random.SystemRandom().randrange(_SEED_LIMIT)
+        self.base_seed = base_seed
+        self.trajectory = Trajectory(
+            task=task,
+            metadata={
+                "genagent_version": __version__,
+                "policy": describe_policy(agent.policy),
+                "tools": [t.describe() for t in agent.tools.values()],
+                "protocol": agent.protocol.describe(),
+                "agent": agent.describe(),
+                "seed": base_seed,
+                **(dict(metadata) if metadata else {}),
+            },
+        )
+        self.started = agent.clock()
+        deadline = self.started + agent.time_budget_s if agent.time_budget_s is not None else None
+        self.ctx = RunContext(agent=agent, trajectory=self.trajectory, deadline=deadline)
+        self.conversation: list[Message] = []
+        self.current: int | None = None  # index in trajectory.images of the current image
+        self.retries = 0
+
+    # ------------------------------------------------------------------ driver
+
+    async def steps(self) -> AsyncIterator[Step]:
+        agent, traj = self.agent, self.trajectory
+        termination: Termination | None = None
+        try:
+            await self._hook(agent.hooks.on_run_start(self.ctx))
+            system = Message.system(agent.protocol.system_prompt(list(agent.tools.values())))
+            pending = [system, agent.protocol.user_message(traj.task)]
+            while termination is None:
+                if len(traj.turns) >= agent.max_turns:
+                    termination = Termination.MAX_TURNS
+                    break
+                if self._budget_spent():
+                    termination = Termination.BUDGET
+                    break
+                turn = Turn(index=len(traj.turns), messages=pending)
+                self.ctx.turn = turn.index
+                self.conversation.extend(pending)
+                traj.turns.append(turn)
+
+                output = await self._call_policy(turn)
+                if output is None:
+                    termination = Termination.BUDGET
+                    break
+                parsed = self._parse(turn)
+                yield PolicyStep(turn=turn, output=output)
+
+                error: ModelVisibleError | None = None
+                during = "reply"
+                if isinstance(parsed, ProtocolError):
+                    error = parsed
+                elif parsed.kind == "answer":
+                    traj.answer = parsed.answer
+                    termination = Termination.ANSWERED
+                else:
+                    assert parsed.tool_call is not None
+                    done = await self._tool_turn(turn, parsed.tool_call)
+                    if done is None:
+                        termination = Termination.BUDGET
+                        break
+                    yield ToolStep(
+                        turn=turn, call=done.call, outcome=done.outcome, images=done.images
+                    )
+                    error, during = done.error, "tool"
+                    if error is None:
+                        pending = [self._observation(done)]
+                        if self.ctx.round >= agent.max_rounds:
+                            termination = Termination.MAX_ROUNDS
+                if error is not None:
+                    turn.error = ErrorInfo.from_exception(error)
+                    self.retries += 1
+                    await self._hook(agent.hooks.on_error(self.ctx, error))
+                    pending = [agent.protocol.error_message(error, during=during)]
+                    if self.retries > agent.max_retries:
+                        termination = Termination.ERROR
+                        traj.error = ErrorInfo(
+                            type="TooManyRetries",
+                            message=f"{self.retries} consecutive unusable turns (max_retries="
+                            f"{agent.max_retries}); last: {turn.error.message}",
+                        )
+                else:
+                    self.retries = 0
+                await self._hook(agent.hooks.on_turn_end(self.ctx, turn))
+            await self._finish(termination)
+        except BudgetExceeded:
+            await self._finish(Termination.BUDGET)
+        except RunError as exc:
+            await self._fail(exc)
+            raise
+        except GeneratorExit:
+            self._finalize(Termination.CANCELLED)
+            with contextlib.suppress(Exception):
+                await agent.hooks.on_run_end(self.ctx, traj)
+            raise
+        except asyncio.CancelledError:
+            self._finalize(Termination.CANCELLED)
+            raise
+        yield FinalStep(trajectory=traj)
+
+    def _observation(self, done: _ToolTurn) -> Message:
+        record, images = done.outcome, done.images
+        if self.agent.show_candidates == "all":
+            shown = list(images)
+        else:
+            shown = [images[record.selected]] if record.selected is not None else []
+        return self.agent.protocol.observation(shown, record.text)
+
+    # ------------------------------------------------------------------ policy
+
+    async def _call_policy(self, turn: Turn) -> PolicyOutput | None:
+        agent = self.agent
+        messages = list(self.conversation)
+        replaced = await self._hook(agent.hooks.before_policy(self.ctx, messages))
+        if replaced is not None:
+            turn.sent_messages = list(replaced)
+            messages = list(replaced)
+        start = time.perf_counter()
+        try:
+            output = await self._within_budget(
+                agent.policy.generate(messages, stop=agent.protocol.stop, sampling=agent.sampling)
+            )
+        except (asyncio.TimeoutError, BudgetExceeded):
+            return None
+        except RunError:
+            raise
+        except GenAgentError as exc:
+            raise PolicyError(f"policy {_name(agent.policy)} failed: {exc}") from exc
+        except Exception as exc:
+            raise PolicyError(
+                f"policy {_name(agent.policy)} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            elapsed = time.perf_counter() - start
+            turn.policy_latency_s = elapsed
+            self.trajectory.policy_s += elapsed
+        if not isinstance(output, PolicyOutput):
+            raise PolicyError(
+                f"policy {_name(agent.policy)} returned {type(output).__name__}, not a PolicyOutput"
+            )
+        text = _clean_text(output.text)
+        turn.reply = text
+        turn.reply_suffix = agent.protocol.reply_suffix(output)
+        turn.prompt_ids = output.prompt_ids
+        turn.output_ids = output.output_ids
+        turn.logprobs = output.logprobs
+        turn.finish_reason = output.finish_reason
+        turn.usage = output.usage
+        self.trajectory.usage = self.trajectory.usage + output.usage
+        self.conversation.append(turn.assistant_message)
+        await self._hook(agent.hooks.after_policy(self.ctx, output))
+        return output
+
+    def _parse(self, turn: Turn) -> Action | ProtocolError:
+        state = ProtocolState(tools=self.agent.tools, num_images=len(self.trajectory.images))
+        try:
+            action = self.agent.protocol.parse(turn.reply, state)
+        except ProtocolError as exc:
+            return exc
+        turn.action = action
+        return action
+
+    # ------------------------------------------------------------------ tools
+
+    async def _tool_turn(self, turn: Turn, call: ToolCall) -> _ToolTurn | None:
+        """Run the call; ``None`` when the budget ran out."""
+        agent, traj = self.agent, self.trajectory
+        replaced = await self._hook(agent.hooks.before_tool(self.ctx, call))
+        if replaced is not None:
+            call = replaced
+        start = time.perf_counter()
+        record = ToolOutcome(tool=call.name)
+        turn.tool_result = record
+        done = _ToolTurn(call=call, outcome=record)
+        try:
+            tool = agent.tools.get(call.name)
+            if tool is None:
+                raise ProtocolError(
+                    f"unknown tool {call.name!r}", hint=f"Available tools: {sorted(agent.tools)}."
+                )
+            try:
+                args = tool.parse_args(call.arguments)
+            except ValidationError as exc:
+                raise ProtocolError(
+                    f"invalid arguments for {call.name}: {exc.error_count()} errors"
+                ) from None
+            result, seeds = await self._execute(tool, call, args)
+            replaced_result = await self._hook(agent.hooks.after_tool(self.ctx, call, result))
+            if replaced_result is not None:
+                result = replaced_result
+            images = tuple(self._store(result))
+            record.text = result.text
+            record.metadata = dict(result.metadata)
+            record.seeds = list(result.seeds) if result.seeds is not None else list(seeds)
+            if images:
+                first = len(traj.images)
+                traj.images.extend(images)
+                record.images = list(range(first, first + len(images)))
+                record.scores, record.selected = await self._select(images)
+                self.ctx.round += 1
+                record.round = self.ctx.round
+                self.current = record.images[record.selected]
+                traj.final_image_index = self.current
+                done.images = images
+            elif record.text is None:
+                raise ToolExecutionError(f"{call.name} returned neither an image nor text")
+        except ModelVisibleError as exc:
+            record.error = ErrorInfo.from_exception(exc)
+            done.error = exc
+        except (asyncio.TimeoutError, BudgetExceeded):
+            return None
+        finally:
+            record.latency_s = time.perf_counter() - start
+            traj.tool_s += record.latency_s
+        return done
+
+    async def _execute(
+        self, tool: Tool, call: ToolCall, args: BaseModel
+    ) -> tuple[ToolResult, list[int]]:
+        agent = self.agent
+        try:
+            await self._within_budget(tool.ensure_setup())
+        except (asyncio.TimeoutError, BudgetExceeded, ToolUnavailable):
+            raise
+        except Exception as exc:
+            raise ToolUnavailable(
+                f"tool {call.name} failed to set up: {type(exc).__name__}: {exc}"
+            ) from exc
+        round_ = self.ctx.round + 1
+        seeds = agent.derive_seeds(self.base_seed, round_, agent.candidates)
+        per_call = max(1, tool.max_images_per_call)
+        chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
+        current = self.trajectory.images[self.current] if self.current is not None else None
+
+        def progress(p: ToolProgress) -> None:
+            progress_event = p if p.tool else ToolProgress(call.name, p.step, p.total, p.info)
+            try:
+                agent.hooks.on_tool_progress(self.ctx, progress_event)
+            except GenAgentError:
+                raise
+            except Exception as exc:
+                raise HookError(
+                    f"hook on_tool_progress raised {type(exc).__name__}: {exc}"
+                ) from exc
+
+        async def one(chunk: list[int]) -> ToolResult:
+            ctx = ToolContext(
+                run_id=self.trajectory.id,
+                task=self.trajectory.task,
+                round=round_,
+                num_images=len(chunk),
+                seeds=chunk,
+                images=tuple(self.trajectory.images),
+                current_image=current,
+                deadline=self.ctx.deadline,
+                clock=agent.clock,
+                metadata=self.ctx.state,
+                progress_callback=progress,
+            )
+            try:
+                result: Any = await tool.acall(args, ctx)
+            except (GenAgentError, asyncio.TimeoutError):
+                raise
+            except Exception as exc:
+                raise ToolUnavailable(
+                    f"tool {call.name} raised {type(exc).__name__}: {exc}"
+                ) from exc
+            # acall implementations may return an image or a list of images
+            return coerce_tool_result(result)
+
+        results = await self._within_budget(_gather_or_cancel([one(c) for c in chunks]))
+        merged = ToolResult(
+            images=[img for r in results for img in r.images],
+            text="\n".join(r.text for r in results if r.text) or None,
+            seeds=_merge_seeds(results, chunks),
+            metadata=results[0].metadata
+            if len(results) == 1
+            else {"calls": [r.metadata for r in results]},
+        )
+        return merged, seeds
+
+    def _store(self, result: ToolResult) -> list[ImageRef]:
+        refs: list[ImageRef] = []
+        for i, image in enumerate(result.images):
+            try:
+                refs.append(self.store.put(image))
+            except InvalidImageError as exc:
+                raise ToolExecutionError(
+                    f"the tool returned an unreadable image (#{i + 1}): {exc}",
+                    hint="Try the call again, perhaps with a different caption.",
+                ) from exc
+            except (TypeError, AttributeError) as exc:
+                raise ToolUnavailable(
+                    f"the tool returned {type(image).__name__} as an image; tools return PIL "
+                    "images or encoded bytes"
+                ) from exc
+        return refs
+
+    async def _select(self, images: Sequence[ImageRef]) -> tuple[list[float | None] | None, int]:
+        judge = self.agent.judge
+        if judge is None or len(images) < 2:
+            return None, 0
+        outputs = await asyncio.gather(
+            *(
+                judge.safe_ascore(
+                    self.trajectory.prompt,
+                    ref.open(),
+                    RewardContext(
+                        task=self.trajectory.task,
+                        trajectory=self.trajectory,
+                        round=self.ctx.round + 1,
+                        image_ref=ref,
+                    ),
+                )
+                for ref in images
+            )
+        )
+        scores = [o.score for o in outputs]
+        best = max(
+            range(len(scores)),
+            key=lambda i: (scores[i] is not None, scores[i] or 0.0, -i),
+        )
+        return scores, best
+
+    # ------------------------------------------------------------------ endings
+
+    async def _finish(self, termination: Termination) -> None:
+        self._finalize(termination)
+        traj = self.trajectory
+        if self.agent.rewards:
+            traj.rewards = await self._final_rewards()
+        await self._hook(self.agent.hooks.on_run_end(self.ctx, traj))
+
+    async def _fail(self, exc: RunError) -> None:
+        traj = self.trajectory
+        traj.error = ErrorInfo.from_exception(exc)
+        self._finalize(Termination.ERROR)
+        exc.trajectory = traj
+        try:
+            await self.agent.hooks.on_error(self.ctx, exc)
+            await self.agent.hooks.on_run_end(self.ctx, traj)
+        except Exception:
+            logger.exception("a hook failed while handling %s", type(exc).__name__)
+
+    def _finalize(self, termination: Termination) -> None:
+        traj = self.trajectory
+        traj.termination = termination
+        traj.final_image_index = self.current
+        traj.wall_s = self.agent.clock() - self.started
+
+    async def _final_rewards(self) -> dict[str, RewardOutput]:
+        traj = self.trajectory
+        ref = traj.final_image_ref
+        names = list(self.agent.rewards)
+        if ref is None:
+            return {
+                n: RewardOutput(score=None, info={"error": "the run produced no image"})
+                for n in names
+            }
+        image = ref.open()
+        ctx = RewardContext(task=traj.task, trajectory=traj, round=traj.num_rounds, image_ref=ref)
+        outputs = await asyncio.gather(
+            *(self.agent.rewards[n].safe_ascore(traj.prompt, image, ctx) for n in names)
+        )
+        return dict(zip(names, outputs, strict=True))
+
+    # ------------------------------------------------------------------ utilities
+
+    def _budget_spent(self) -> bool:
+        remaining = self.ctx.remaining_s()
+        return remaining is not None and remaining <= 0
+
+    async def _within_budget(self, awaitable: Awaitable[T]) -> T:
+        remaining = self.ctx.remaining_s()
+        if remaining is None:
+            return await awaitable
+        if remaining <= 0:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise BudgetExceeded("time budget spent")
+        return await asyncio.wait_for(awaitable, timeout=remaining)
+
+    async def _hook(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except GenAgentError:
+            raise
+        except Exception as exc:
+            raise HookError(f"a hook raised {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve_tools(
+    tool: Tool | Sequence[Tool] | None, tools: Sequence[Tool] | None
+) -> dict[str, Tool]:
+    if tool is not None and tools is not None:
+        raise ConfigurationError("pass either tool= or tools=, not both")
+    given = tools if tools is not None else tool
+    if given is None:
+        from genagent.sim import scene_tools
+
+        given = scene_tools()
+    items = [given] if isinstance(given, Tool) or not isinstance(given, Sequence) else given
+    resolved: dict[str, Tool] = {}
+    for item in items:
+        if isinstance(item, type) and issubclass(item, Tool):
+            raise ConfigurationError(
+                f"pass a tool instance, not the class: {item.__name__}() instead of {item.__name__}"
+            )
+        if not isinstance(item, Tool):
+            raise ConfigurationError(
+                f"{item!r} is not a Tool; subclass genagent.Tool or decorate a function with "
+                "@genagent.tool"
+            )
+        if item.name in resolved:
+            raise ConfigurationError(
+                f"two tools are named {item.name!r}; give one of them another name"
+            )
+        resolved[item.name] = item
+    if not resolved:
+        raise ConfigurationError("the agent needs at least one tool")
+    if all(t.requires_image for t in resolved.values()):
+        raise ConfigurationError(
+            "every tool requires an existing image; add a generation tool to produce the first"
+        )
+    return resolved
+
+
+def _resolve_policy(policy: Policy | None, tools: Mapping[str, Tool]) -> Policy:
+    if policy is not None:
+        if not callable(getattr(policy, "generate", None)):
+            raise ConfigurationError(
+                f"{type(policy).__name__} is not a policy: it needs an async generate(messages, "
+                "*, stop, sampling) method"
+            )
+        return policy
+    if all(type(t).__module__.startswith("genagent.sim") for t in tools.values()):
+        from genagent.sim import HeuristicPolicy
+
+        return HeuristicPolicy()
+    raise ConfigurationError(
+        "no policy given: pass policy=... (for example an OpenAI-compatible server or a local "
+        "transformers model serving the GenAgent weights). The simulator's HeuristicPolicy is "
+        "the default only with the simulator's tools."
+    )
+
+
+def _resolve_rewards(rewards: Mapping[str, Reward] | Sequence[Reward]) -> dict[str, Reward]:
+    items = (
+        list(rewards.items()) if isinstance(rewards, Mapping) else [(r.name, r) for r in rewards]
+    )
+    out: dict[str, Reward] = {}
+    for name, reward in items:
+        if not isinstance(reward, Reward):
+            raise ConfigurationError(f"reward {name!r} is not a Reward: {reward!r}")
+        if name in out:
+            raise ConfigurationError(f"two rewards are named {name!r}; pass a mapping to rename")
+        out[name] = reward
+    return out
+
+
+def _hash_seed(base: int, round_: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{base}:{round_}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _SEED_LIMIT
+
+
+def _merge_seeds(results: Sequence[ToolResult], chunks: Sequence[list[int]]) -> list[int | None]:
+    seeds: list[int | None] = []
+    for result, chunk in zip(results, chunks, strict=True):
+        if result.seeds is not None:
+            seeds.extend(result.seeds)
+        else:
+            seeds.extend(chunk[: len(result.images)] if len(result.images) <= len(chunk) else chunk)
+    return seeds
+
+
+def _name(policy: Any) -> str:
+    return repr(getattr(policy, "name", type(policy).__name__))
+
+
+def _clean_text(text: Any) -> str:
+    """Replies are recorded as valid Unicode (lone surrogates would break JSON serialisation)."""
+    if not isinstance(text, str):
+        return str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+async def _gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Like ``asyncio.gather``, but the first failure cancels the others (and is re-raised)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

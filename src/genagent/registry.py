@@ -1,0 +1,155 @@
+"""Name registries for tools and policies, used by the CLI (``--tool``, ``--policy``).
+
+Entries are factories, given as callables or as ``"module:attribute"`` strings that are imported
+only when used, so registering a torch-backed tool costs nothing at import. Third-party packages
+add entries through the ``genagent.tools`` and ``genagent.policies`` entry-point groups.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from genagent.errors import ConfigurationError
+
+__all__ = ["Registry", "RegistryEntry", "policies", "tools"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One registered factory.
+
+    Attributes:
+        name: The registry name.
+        target: A callable, or ``"module:attribute"`` imported on first use.
+        description: One line for ``genagent list``.
+    """
+
+    name: str
+    target: Callable[..., Any] | str
+    description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """Resolve the factory (importing its module if given as a string)."""
+        if callable(self.target):
+            return self.target
+        module_name, _, attr = self.target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{self.name!r} needs a package that is not installed ({exc.name or exc}); "
+                "install the matching extra, e.g. `pip install 'genagent[diffusers]'`"
+            ) from exc
+        factory: Callable[..., Any] = getattr(module, attr)
+        return factory
+
+
+class Registry(Generic[T]):
+    """A mapping from names to factories.
+
+    Args:
+        kind: What the registry holds, for error messages (``"tool"``, ``"policy"``).
+        group: The entry-point group third-party packages register under.
+    """
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, RegistryEntry] = {}
+        self._entry_points_loaded = False
+
+    def register(
+        self,
+        name: str,
+        target: Callable[..., Any] | str | None = None,
+        *,
+        description: str = "",
+        overwrite: bool = False,
+    ) -> Any:
+        """Register a factory under ``name``; usable as a decorator when ``target`` is omitted.
+
+        Raises:
+            ConfigurationError: If ``name`` is taken and ``overwrite`` is false.
+        """
+
+        def add(obj: Callable[..., Any] | str) -> Callable[..., Any] | str:
+            if name in self._entries and not overwrite:
+                raise ConfigurationError(
+                    f"a {self.kind} named {name!r} is already registered; pass overwrite=True "
+                    "to replace it"
+                )
+            self._entries[name] = RegistryEntry(name, obj, description)
+            return obj
+
+        return add if target is None else add(target)
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Build the entry ``name`` with ``kwargs``.
+
+        Raises:
+            ConfigurationError: If no such entry exists (the message lists the known names).
+        """
+        entry = self.entry(name)
+        result: T = entry.load()(**kwargs)
+        return result
+
+    def entry(self, name: str) -> RegistryEntry:
+        """Return the entry ``name``."""
+        self._load_entry_points()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise ConfigurationError(
+                f"unknown {self.kind} {name!r}; known {self.kind}s: {known}"
+            ) from None
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def entries(self) -> list[RegistryEntry]:
+        """Registered entries, sorted by name."""
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
+        return name in self._entries
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=self.group):
+            if ep.name not in self._entries:
+                self._entries[ep.name] = RegistryEntry(ep.name, ep.value, f"from {ep.value}")
+
+
+tools: Registry[Any] = Registry("tool", "genagent.tools")
+"""Tool factories. A factory returns a ``Tool`` or a list of tools."""
+
+policies: Registry[Any] = Registry("policy", "genagent.policies")
+"""Policy factories."""
+
+tools.register(
+    "scene",
+    "genagent.sim:scene_tools",
+    description="simulator: SceneTool + SceneEditTool (offline, no weights)",
+)
+tools.register(
+    "scene-generate",
+    "genagent.sim:SceneTool",
+    description="simulator: SceneTool only (GenAgent v1: generation tool only)",
+)
+policies.register(
+    "heuristic",
+    "genagent.sim:HeuristicPolicy",
+    description="simulator: rule-based policy speaking the full GenAgent protocol",
+)
