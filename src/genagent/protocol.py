@@ -188,7 +188,12 @@ class GenAgentProtocol(ReplyProtocol):
     def system_prompt(self, tools: Sequence[Tool]) -> str:
         """The system prompt with one ``{"type": "function", ...}`` schema per tool."""
         lines = "\n".join(json.dumps(t.schema(), ensure_ascii=False) for t in tools)
-        return self.system_template.replace("{tools}", lines).replace("{{", "{").replace("}}", "}")
+        # Unescape ``{{`` / ``}}`` in the template only: the schemas themselves contain ``}}``.
+        pieces = (
+            piece.replace("{{", "{").replace("}}", "}")
+            for piece in self.system_template.split("{tools}")
+        )
+        return lines.join(pieces)
 
     def user_message(self, task: Task) -> Message:
         """The user's request."""
@@ -483,9 +488,14 @@ def _untagged_call(reply: str, state: ProtocolState) -> str | None:
             continue
         for loader in (_json_loads, _literal_loads):
             value = loader(candidate.strip())
-            if isinstance(value, dict) and value.get("name") in state.tools:
+            if isinstance(value, dict) and _is_known_name(value.get("name"), state):
                 return candidate
     return None
+
+
+def _is_known_name(name: Any, state: ProtocolState) -> bool:
+    # ``name`` may be any JSON value (a list, an object): only a string can name a tool.
+    return isinstance(name, str) and name in state.tools
 
 
 def _summarize_validation(exc: ValidationError) -> str:

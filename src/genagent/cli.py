@@ -1,0 +1,252 @@
+"""The ``genagent`` command line: ``demo``, ``run``, ``list``, ``version``.
+
+Tools and policies are chosen by registry name (``--tool scene``, ``--policy heuristic``);
+later releases and third-party packages add names through the registries in
+:mod:`genagent.registry`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from genagent._version import __version__
+from genagent.errors import GenAgentError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="genagent",
+    help="Agentic text-to-image generation: a policy that calls image generators, judges, refines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    """Turn genagent errors into a one-line message and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GenAgentError as exc:
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+            trajectory = getattr(exc, "trajectory", None)
+            if trajectory is not None:
+                err_console.print(
+                    f"the partial trajectory has {len(trajectory.turns)} turns and "
+                    f"{len(trajectory.images)} images",
+                    highlight=False,
+                )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command()
+@_friendly_errors
+def demo(
+    tasks: Annotated[int, typer.Option(min=1, help="Number of simulated tasks.")] = 200,
+    rounds: Annotated[int, typer.Option(min=1, help="The agent's maximum rounds (images).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of task sampling and generation.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the trajectories and summary.json.")] = Path(
+        "genagent-demo"
+    ),
+    save: Annotated[bool, typer.Option(help="Write the trajectories to --out.")] = True,
+    concurrency: Annotated[int, typer.Option(min=1, help="Agent runs in flight.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Offline demo (SIMULATOR): single-shot generation against the agent after each round."""
+    from genagent.sim.demo import run_demo
+
+    if not as_json:
+        console.print(
+            f"[bold]genagent demo[/] [yellow](SIMULATOR: offline glyph generator, rule-based "
+            f"policy and judge; no model weights)[/]\n{tasks} GenEval++-style tasks, "
+            f"up to {rounds} rounds, seed {seed}",
+            highlight=False,
+        )
+    report = run_demo(
+        tasks,
+        rounds=rounds,
+        seed=seed,
+        out=out if save else None,
+        concurrency=concurrency,
+        progress=None if not as_json else False,
+    )
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+        return
+    table = Table(title="Accuracy (SceneJudge, strict: every constraint must hold)")
+    table.add_column("")
+    table.add_column("accuracy", justify="right")
+    table.add_column("95% CI", justify="right")
+    for acc in [report.single_shot, *report.per_round]:
+        table.add_row(
+            acc.label, f"{100 * acc.value:.1f}%", f"[{100 * acc.low:.1f}, {100 * acc.high:.1f}]"
+        )
+    console.print(table)
+    low, high = report.improvement_ci
+    console.print(
+        f"Agent after round {rounds} vs single-shot: [bold]{100 * report.improvement:+.1f} "
+        f"points[/] (95% CI {100 * low:+.1f} to {100 * high:+.1f}); "
+        f"{report.mean_rounds:.2f} images per run on average; "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(report.terminations.items())),
+        highlight=False,
+    )
+    cats = Table(title="By category")
+    cats.add_column("category")
+    cats.add_column("tasks", justify="right")
+    cats.add_column("single-shot", justify="right")
+    cats.add_column(f"agent (round {rounds})", justify="right")
+    for name, (single, final) in report.per_category.items():
+        cats.add_row(
+            name, str(single.total), f"{100 * single.value:.0f}%", f"{100 * final.value:.0f}%"
+        )
+    console.print(cats)
+    if report.out is not None:
+        console.print(
+            f"Trajectories: {report.out / 'trajectories'}  summary: {report.out / 'summary.json'}  "
+            f"({report.wall_s:.1f} s)",
+            highlight=False,
+        )
+
+
+@app.command()
+@_friendly_errors
+def run(
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    tool: Annotated[
+        str, typer.Option(help="Tool by registry name (see `genagent list`).")
+    ] = "scene",
+    policy: Annotated[
+        str | None,
+        typer.Option(help="Policy by registry name (default: the simulator's with --tool scene)."),
+    ] = None,
+    tool_arg: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the tool factory (repeatable).")
+    ] = None,
+    policy_arg: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the policy factory (repeatable).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Maximum images.")] = 3,
+    candidates: Annotated[int, typer.Option(min=1, help="Images per tool call.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Base seed (default: random).")] = None,
+    budget: Annotated[float | None, typer.Option(min=0.001, help="Time budget in seconds.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the trajectory (default: genagent-runs/<id>).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the trajectory summary as JSON.")
+    ] = False,
+) -> None:
+    """Run the agent on one prompt and save its trajectory."""
+    from genagent import registry
+    from genagent.agent import Agent
+
+    tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
+    chosen_policy = (
+        registry.policies.create(policy, **_parse_kv(policy_arg, "--policy-arg"))
+        if policy is not None
+        else None
+    )
+    agent = Agent(
+        tools if isinstance(tools, list) else [tools],
+        policy=chosen_policy,
+        max_rounds=rounds,
+        candidates=candidates,
+        time_budget_s=budget,
+    )
+    trajectory = agent.run(prompt, seed=seed)
+    folder = trajectory.save(out or Path("genagent-runs") / trajectory.id)
+    final = trajectory.final_image_ref
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "id": trajectory.id,
+                    "termination": trajectory.termination.value if trajectory.termination else None,
+                    "rounds": trajectory.num_rounds,
+                    "answer": trajectory.answer,
+                    "final_image": str(folder / "images" / final.filename) if final else None,
+                    "folder": str(folder),
+                }
+            )
+        )
+        return
+    for turn in trajectory.turns:
+        console.rule(f"turn {turn.index}", style="dim")
+        action = turn.action
+        if action is not None:
+            if action.thought:
+                console.print(f"[cyan]think[/]  {action.thought}", highlight=False)
+            if action.judgment:
+                console.print(f"[magenta]judge[/]  {action.judgment}", highlight=False)
+            if action.tool_call is not None:
+                args = json.dumps(action.tool_call.arguments, ensure_ascii=False)
+                console.print(f"[green]call[/]   {action.tool_call.name} {args}", highlight=False)
+            if action.answer is not None:
+                console.print(f"[bold green]answer[/] {action.answer}", highlight=False)
+        if turn.error is not None:
+            console.print(
+                f"[red]error[/]  {turn.error.type}: {turn.error.message}", highlight=False
+            )
+    termination = trajectory.termination.value if trajectory.termination else "?"
+    console.print(
+        f"\n{termination} after {trajectory.num_rounds} image(s) in {trajectory.wall_s:.2f} s; "
+        f"trajectory saved to {folder}",
+        highlight=False,
+    )
+    if final is not None:
+        console.print(f"final image: {folder / 'images' / final.filename}", highlight=False)
+
+
+@app.command("list")
+def list_entries() -> None:
+    """List the registered tools and policies."""
+    from genagent import registry
+
+    for title, reg in (("tools", registry.tools), ("policies", registry.policies)):
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("description")
+        for entry in reg.entries():
+            table.add_row(entry.name, entry.description)
+        console.print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print the genagent version."""
+    console.print(f"genagent {__version__}", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``genagent`` script."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="genagent")
