@@ -23,7 +23,6 @@ import random
 import time
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -364,8 +363,11 @@ class Agent:
             ```
         """
         run = _Run(self, Task.coerce(prompt), seed, metadata)
-        async for step in run.steps():
-            yield step
+        # Close the inner generator with this one, so that stopping early records the
+        # cancellation now rather than whenever the inner generator is garbage-collected.
+        async with contextlib.aclosing(run.steps()) as steps:
+            async for step in steps:
+                yield step
 
     # ------------------------------------------------------------------ helpers
 
@@ -447,7 +449,7 @@ class _Run:
 
     # ------------------------------------------------------------------ driver
 
-    async def steps(self) -> AsyncIterator[Step]:
+    async def steps(self) -> AsyncGenerator[Step, None]:
         agent, traj = self.agent, self.trajectory
         termination: Termination | None = None
         try:
@@ -592,14 +594,16 @@ class _Run:
     async def _tool_turn(self, turn: Turn, call: ToolCall) -> _ToolTurn | None:
         """Run the call; ``None`` when the budget ran out."""
         agent, traj = self.agent, self.trajectory
-        replaced = await self._hook(agent.hooks.before_tool(self.ctx, call))
-        if replaced is not None:
-            call = replaced
         start = time.perf_counter()
         record = ToolOutcome(tool=call.name)
         turn.tool_result = record
         done = _ToolTurn(call=call, outcome=record)
         try:
+            # inside the try: a hook may refuse the call (ToolRefused) for the model to see
+            replaced = await self._hook(agent.hooks.before_tool(self.ctx, call), model_visible=True)
+            if replaced is not None:
+                call = done.call = replaced
+                record.tool = call.name
             tool = agent.tools.get(call.name)
             if tool is None:
                 raise ProtocolError(
@@ -612,7 +616,9 @@ class _Run:
                     f"invalid arguments for {call.name}: {exc.error_count()} errors"
                 ) from None
             result, seeds = await self._execute(tool, call, args)
-            replaced_result = await self._hook(agent.hooks.after_tool(self.ctx, call, result))
+            replaced_result = await self._hook(
+                agent.hooks.after_tool(self.ctx, call, result), model_visible=True
+            )
             if replaced_result is not None:
                 result = replaced_result
             images = tuple(self._store(result))
@@ -686,8 +692,13 @@ class _Run:
             )
             try:
                 result: Any = await tool.acall(args, ctx)
-            except (GenAgentError, asyncio.TimeoutError):
+            except (ModelVisibleError, RunError, asyncio.TimeoutError):
                 raise
+            except InvalidImageError as exc:
+                raise ToolExecutionError(
+                    f"the tool returned an unreadable image: {exc}",
+                    hint="Try the call again, perhaps with a different caption.",
+                ) from exc
             except Exception as exc:
                 raise ToolUnavailable(
                     f"tool {call.name} raised {type(exc).__name__}: {exc}"
@@ -807,11 +818,20 @@ class _Run:
             raise BudgetExceeded("time budget spent")
         return await asyncio.wait_for(awaitable, timeout=remaining)
 
-    async def _hook(self, awaitable: Awaitable[T]) -> T:
+    async def _hook(self, awaitable: Awaitable[T], *, model_visible: bool = False) -> T:
+        """Await a hook; its exceptions end the run as ``HookError``.
+
+        ``RunError`` passes through (``BudgetExceeded`` ends the run as a budget stop), and so
+        does ``ModelVisibleError`` where the caller shows it to the model (``model_visible``).
+        """
         try:
             return await awaitable
-        except GenAgentError:
+        except RunError:
             raise
+        except ModelVisibleError as exc:
+            if model_visible:
+                raise
+            raise HookError(f"a hook raised {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise HookError(f"a hook raised {type(exc).__name__}: {exc}") from exc
 

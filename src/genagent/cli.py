@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from genagent._version import __version__
 from genagent.errors import GenAgentError
@@ -205,18 +206,16 @@ def run(
         action = turn.action
         if action is not None:
             if action.thought:
-                console.print(f"[cyan]think[/]  {action.thought}", highlight=False)
+                _labelled("think", "cyan", action.thought)
             if action.judgment:
-                console.print(f"[magenta]judge[/]  {action.judgment}", highlight=False)
+                _labelled("judge", "magenta", action.judgment)
             if action.tool_call is not None:
                 args = json.dumps(action.tool_call.arguments, ensure_ascii=False)
-                console.print(f"[green]call[/]   {action.tool_call.name} {args}", highlight=False)
+                _labelled("call", "green", f"{action.tool_call.name} {args}")
             if action.answer is not None:
-                console.print(f"[bold green]answer[/] {action.answer}", highlight=False)
+                _labelled("answer", "bold green", action.answer)
         if turn.error is not None:
-            console.print(
-                f"[red]error[/]  {turn.error.type}: {turn.error.message}", highlight=False
-            )
+            _labelled("error", "red", f"{turn.error.type}: {turn.error.message}")
     termination = trajectory.termination.value if trajectory.termination else "?"
     console.print(
         f"\n{termination} after {trajectory.num_rounds} image(s) in {trajectory.wall_s:.2f} s; "
@@ -225,6 +224,13 @@ def run(
     )
     if final is not None:
         console.print(f"final image: {folder / 'images' / final.filename}", highlight=False)
+
+
+def _labelled(label: str, style: str, text: str) -> None:
+    """Print model-written text verbatim (never interpreted as rich markup)."""
+    line = Text(f"{label:<7}", style=style)
+    line.append(text)
+    console.print(line, highlight=False)
 
 
 @app.command("list")

@@ -179,7 +179,8 @@ class Constraint:
         if self.kind == "presence":
             return f"there is {article(obj.cls)} {obj.cls}"
         if self.kind == "count":
-            return f"there are exactly {NUMBER_WORDS.get(obj.count, obj.count)} {name}"
+            verb = "is" if obj.count == 1 else "are"
+            return f"there {verb} exactly {NUMBER_WORDS.get(obj.count, obj.count)} {name}"
         if self.kind == "color":
             return f"the {name} {'is' if obj.count == 1 else 'are'} {obj.color}"
         if self.kind == "size":
