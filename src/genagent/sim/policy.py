@@ -39,7 +39,7 @@ _OPENERS: Final = (
     "A sharp, high-quality image of",
     "A clean photo that shows",
 )
-_TOOLS_RE = re.compile(r"<tools>\s*(.*?)\s*</tools>", re.DOTALL)
+_TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.DOTALL)
 
 
 class HeuristicPolicy:
