@@ -185,7 +185,7 @@ def run(
         time_budget_s=budget,
     )
     trajectory = agent.run(prompt, seed=seed)
-    folder = trajectory.save(out or Path("genagent-runs") / trajectory.id)
+    folder = trajectory.save(out or Path("genagent-runs") / trajectory.id).resolve()
     final = trajectory.final_image_ref
     if as_json:
         console.print_json(

@@ -1,0 +1,88 @@
+"""The ``genagent`` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genagent import Trajectory
+
+
+def genagent(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "genagent", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_demo_prints_single_shot_and_per_round_accuracy(tmp_path: Path) -> None:
+    result = genagent("demo", "--tasks", "24", "--rounds", "2", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "SIMULATOR" in result.stdout
+    for label in ("single-shot", "agent, round 1", "agent, round 2", "95% CI"):
+        assert label in result.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(summary["per_round"]) == 2
+    assert len(list((tmp_path / "out" / "trajectories").iterdir())) == 24
+
+
+def test_demo_json_output_is_machine_readable(tmp_path: Path) -> None:
+    result = genagent("demo", "--tasks", "8", "--no-save", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tasks"] == 8 and summary["simulator"] is True
+    assert not (tmp_path / "genagent-demo").exists()
+
+
+def test_run_saves_a_trajectory_that_loads(tmp_path: Path) -> None:
+    result = genagent(
+        "run", "two red apples and a blue cup", "--seed", "3", "--out", "t", "--json", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    trajectory = Trajectory.load(tmp_path / "t")
+    assert trajectory.id == info["id"]
+    assert Path(info["final_image"]).exists()
+
+
+def test_run_prints_the_turns_verbatim(tmp_path: Path) -> None:
+    result = genagent("run", "a cat", "--seed", "1", "--out", "t", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "image_generation_tool" in result.stdout
+    assert "[ok]" in result.stdout  # model text is not swallowed as rich markup
+
+
+def test_run_passes_tool_arguments_to_the_factory(tmp_path: Path) -> None:
+    result = genagent(
+        "run", "a cat", "--tool-arg", "size=64", "--seed", "1", "--out", "t", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert Trajectory.load(tmp_path / "t").images[0].width == 64
+
+
+def test_unknown_tool_is_a_one_line_error_without_traceback(tmp_path: Path) -> None:
+    result = genagent("run", "a cat", "--tool", "nope", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "unknown tool 'nope'" in result.stderr and "scene" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["size", "=3"])
+def test_malformed_tool_arg_is_rejected(tmp_path: Path, bad: str) -> None:
+    result = genagent("run", "a cat", "--tool-arg", bad, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "KEY=VALUE" in result.stderr
+
+
+def test_list_and_version(tmp_path: Path) -> None:
+    listed = genagent("list", cwd=tmp_path)
+    assert listed.returncode == 0 and "heuristic" in listed.stdout and "scene" in listed.stdout
+    version = genagent("version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("genagent ")

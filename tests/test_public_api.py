@@ -1,0 +1,83 @@
+"""The public surface is deliberate: these tests pin it, so a change to it is a visible decision."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import genagent
+
+PUBLIC = {
+    "genagent": [
+        "Action", "Agent", "BudgetExceeded", "CompositeReward", "ConfigurationError",
+        "DirectoryImageStore", "EditTool", "ErrorInfo", "FinalStep", "FunctionPolicy",
+        "GenAgentError", "GenAgentProtocol", "GenerationTool", "HookError", "HookList", "Hooks",
+        "ImagePart", "ImageRef", "ImageStore", "InvalidImageError", "MemoryImageStore", "Message",
+        "ModelVisibleError", "PairwiseOutput", "PairwiseReward", "Policy", "PolicyError",
+        "PolicyOutput", "PolicyStep", "ProtocolError", "ProtocolState", "ReplyProtocol", "Reward",
+        "RewardContext", "RewardOutput", "RoundRecord", "RunContext", "RunError", "SamplingParams",
+        "ScriptedPolicy", "SeedPolicy", "Step", "Task", "Termination", "TextPart", "Tool",
+        "ToolArgumentError", "ToolCall", "ToolContext", "ToolDefinitionError",
+        "ToolExecutionError", "ToolOutcome", "ToolProgress", "ToolRefused", "ToolResult",
+        "ToolStep", "ToolUnavailable", "Trajectory", "TrajectoryError", "Turn", "Usage",
+        "__version__", "reward", "tool",
+    ],
+    "genagent.tools": [
+        "EditArgs", "EditTool", "GenerationArgs", "GenerationTool", "Tool", "ToolContext",
+        "ToolProgress", "ToolResult", "tool",
+    ],
+    "genagent.policies": [
+        "FunctionPolicy", "Policy", "PolicyOutput", "SamplingParams", "ScriptedPolicy",
+        "describe_policy",
+    ],
+    "genagent.rewards": [
+        "CompositeReward", "PairwiseOutput", "PairwiseReward", "Reward", "RewardContext",
+        "RewardOutput", "coerce_reward_output", "reward",
+    ],
+    "genagent.sim": [
+        "BASE_ERROR", "CATEGORIES", "EDIT_SUCCESS", "EXPLICIT_FACTOR", "RECORD_KEY",
+        "CheckResult", "Constraint", "DrawnObject", "ErrorModel", "HeuristicPolicy", "ObjectSpec",
+        "SceneEditTool", "SceneJudge", "SceneRecord", "SceneSpec", "SceneTool", "check_scene",
+        "parse_caption", "parse_edit", "read_record", "sample_tasks", "scene_tools",
+        "write_caption",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_public_names_are_pinned(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert sorted(module.__all__) == sorted(PUBLIC[module_name])
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_public_names_exist_and_are_documented(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert inspect.getdoc(obj), f"{module_name}.{name} has no docstring"
+
+
+def test_core_contracts_import_from_the_top_level() -> None:
+    from genagent import Agent, Reward, Tool, Trajectory  # noqa: F401
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(genagent.__version__, str) and genagent.__version__.count(".") >= 2
+
+
+def test_import_is_light() -> None:
+    # `import genagent` must not pull heavy or optional modules (HTTP-only use, fast start)
+    code = (
+        "import sys, genagent\n"
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'triton', 'PIL', 'rich',"
+        " 'typer', 'httpx', 'numpy') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
