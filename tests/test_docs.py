@@ -65,6 +65,8 @@ def _public_docstrings() -> list[tuple[str, str]]:
                 inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj)
             ):
                 continue
+            if not str(getattr(obj, "__module__", None) or obj.__name__).startswith("genagent"):
+                continue  # re-exported third-party objects (pydantic's BaseModel, ...)
             seen.add(id(obj))
             doc = inspect.getdoc(obj) or ""
             if "```python" in doc:

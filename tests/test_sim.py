@@ -39,8 +39,8 @@ def canonical(spec: SceneSpec) -> set[tuple[object, ...]]:
         if obj.relation is not None:
             relation, j = obj.relation
             other = spec.objects[j].cls
-            a, b = sorted([(obj.cls, relation, other), (other, opposite[relation], obj.cls)])
-            out.add(("relation", *a))
+            first = min((obj.cls, relation, other), (other, opposite[relation], obj.cls))
+            out.add(("relation", *first))
     return out
 
 
@@ -157,7 +157,8 @@ def test_complex_scenes_fail_more_often_than_simple_ones() -> None:
 
 def test_larger_counts_fail_more_often() -> None:
     def rate(count: int) -> float:
-        task = Task(prompt=f"a photo of {['', 'one', 'two', 'three', 'four', 'five', 'six', 'seven'][count]} clocks")
+        words = ["", "one", "two", "three", "four", "five", "six", "seven"]
+        task = Task(prompt=f"a photo of {words[count]} clocks")
         return _failure_rate([(task.prompt, task)], seeds=200)
 
     assert rate(7) > rate(2) + 0.1
@@ -234,7 +235,9 @@ def test_judge_scores_per_constraint_and_reports_failures() -> None:
     assert out.score == 0.0
     assert out.components["cup#1.color"] == 0.0 and out.components["apple#0.count"] == 1.0
     assert any("cup is blue" in f for f in out.info["failed"])
-    assert SceneJudge(mode="fraction").score(task.prompt, image, RewardContext(task=task)).score == pytest.approx(5 / 6)
+    assert SceneJudge(mode="fraction").score(
+        task.prompt, image, RewardContext(task=task)
+    ).score == pytest.approx(5 / 6)
 
 
 def test_judge_fails_visibly_on_images_it_cannot_read() -> None:
@@ -245,7 +248,10 @@ def test_judge_fails_visibly_on_images_it_cannot_read() -> None:
 def test_judge_uses_geneval_metadata_files() -> None:
     line = {
         "tag": "position",
-        "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+        "include": [
+            {"class": "teddy bear", "count": 1},
+            {"class": "dog", "count": 1, "position": ["right of", 0]},
+        ],
         "prompt": "a photo of a dog right of a teddy bear",
     }
     task = Task(prompt=line["prompt"], metadata=line)  # type: ignore[arg-type]
@@ -284,7 +290,9 @@ def test_policy_regenerates_when_only_a_generator_is_offered() -> None:
     agent = Agent(tools=[SceneTool()], policy=HeuristicPolicy(miss_rate=0), max_rounds=3)
     for task in sample_tasks(30, seed=8):
         trajectory = agent.run(task, seed=2)
-        names = {t.action.tool_call.name for t in trajectory.turns if t.action and t.action.tool_call}
+        names = {
+            t.action.tool_call.name for t in trajectory.turns if t.action and t.action.tool_call
+        }
         assert names == {"image_generation_tool"}
 
 

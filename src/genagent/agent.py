@@ -549,7 +549,7 @@ class _Run:
             output = await self._within_budget(
                 agent.policy.generate(messages, stop=agent.protocol.stop, sampling=agent.sampling)
             )
-        except (asyncio.TimeoutError, BudgetExceeded):
+        except BudgetExceeded:
             return None
         except RunError:
             raise
@@ -640,7 +640,7 @@ class _Run:
         except ModelVisibleError as exc:
             record.error = ErrorInfo.from_exception(exc)
             done.error = exc
-        except (asyncio.TimeoutError, BudgetExceeded):
+        except BudgetExceeded:
             return None
         finally:
             record.latency_s = time.perf_counter() - start
@@ -653,7 +653,7 @@ class _Run:
         agent = self.agent
         try:
             await self._within_budget(tool.ensure_setup())
-        except (asyncio.TimeoutError, BudgetExceeded, ToolUnavailable):
+        except (BudgetExceeded, ToolUnavailable):
             raise
         except Exception as exc:
             raise ToolUnavailable(
@@ -692,7 +692,7 @@ class _Run:
             )
             try:
                 result: Any = await tool.acall(args, ctx)
-            except (ModelVisibleError, RunError, asyncio.TimeoutError):
+            except (ModelVisibleError, RunError):
                 raise
             except InvalidImageError as exc:
                 raise ToolExecutionError(
@@ -809,6 +809,11 @@ class _Run:
         return remaining is not None and remaining <= 0
 
     async def _within_budget(self, awaitable: Awaitable[T]) -> T:
+        """Await within the budget; ``BudgetExceeded`` when it runs out first.
+
+        Not ``asyncio.wait_for``: its ``TimeoutError`` cannot be told apart from one raised by
+        the policy or tool itself (a server timeout), which is a failure, not a spent budget.
+        """
         remaining = self.ctx.remaining_s()
         if remaining is None:
             return await awaitable
@@ -816,7 +821,17 @@ class _Run:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             raise BudgetExceeded("time budget spent")
-        return await asyncio.wait_for(awaitable, timeout=remaining)
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=remaining)
+        except BaseException:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise BudgetExceeded("time budget spent")
+        return task.result()
 
     async def _hook(self, awaitable: Awaitable[T], *, model_visible: bool = False) -> T:
         """Await a hook; its exceptions end the run as ``HookError``.

@@ -89,7 +89,7 @@ class Reward:
         self, prompt: str, image: PILImage.Image, ctx: RewardContext | None = None
     ) -> RewardOutput:
         """Score ``image`` for ``prompt`` (sync). Override this or :meth:`ascore`."""
-        return run_sync(self.ascore(prompt, image, ctx))
+        return coerce_reward_output(run_sync(self.ascore(prompt, image, ctx)))
 
     async def ascore(
         self, prompt: str, image: PILImage.Image, ctx: RewardContext | None = None
@@ -147,7 +147,7 @@ class PairwiseReward:
         ctx: RewardContext | None = None,
     ) -> PairwiseOutput:
         """Compare two images (sync). Override this or :meth:`acompare`."""
-        return run_sync(self.acompare(prompt, a, b, ctx))
+        return _coerce_pairwise_output(run_sync(self.acompare(prompt, a, b, ctx)))
 
     async def acompare(
         self,
@@ -157,10 +157,14 @@ class PairwiseReward:
         ctx: RewardContext | None = None,
     ) -> PairwiseOutput:
         """Compare two images (async). Override this or :meth:`compare`."""
-        result: Any = await asyncio.to_thread(self.compare, prompt, a, b, ctx)
-        if isinstance(result, PairwiseOutput):
-            return result
-        return PairwiseOutput(prob_a_better=None if result is None else float(result))
+        return _coerce_pairwise_output(await asyncio.to_thread(self.compare, prompt, a, b, ctx))
+
+
+def _coerce_pairwise_output(value: Any) -> PairwiseOutput:
+    """Turn a probability, ``None`` or :class:`PairwiseOutput` into a :class:`PairwiseOutput`."""
+    if isinstance(value, PairwiseOutput):
+        return value
+    return PairwiseOutput(prob_a_better=None if value is None else float(value))
 
 
 def coerce_reward_output(value: Any) -> RewardOutput:

@@ -398,11 +398,7 @@ def tool(
 
         @tool
         def solid_colour(caption: str) -> Image.Image:
-            \"\"\"Paint the whole image in the colour named first in the caption.
-
-    Args:
-                caption: The image description.
-            \"\"\"
+            \"\"\"Paint the whole image in the colour named first in the caption.\"\"\"
             return Image.new("RGB", (64, 64), caption.split()[0])
         ```
     """
