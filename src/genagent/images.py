@@ -143,6 +143,7 @@ class ImageRef(BaseModel):
             image = self.open()
             if suffix in {"jpg", "jpeg"} and image.mode not in {"RGB", "L"}:
                 image = image.convert("RGB")
+            target.parent.mkdir(parents=True, exist_ok=True)
             image.save(target)
         return target
 
@@ -252,6 +253,16 @@ class MemoryImageStore(ImageStore):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Locks cannot be pickled; a pickled trajectory carries its in-memory images with it.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MemoryImageStore({len(self._data)} images)"

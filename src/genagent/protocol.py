@@ -140,6 +140,7 @@ _TAGS = ("think", "judge", "tool_call", "answer")
 _TAG_RE = re.compile(r"<(/?)(think|judge|tool_call|answer)\s*>", re.IGNORECASE)
 _FENCE_RE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?|\n?```\s*$")
 _FENCED_BLOCK_RE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{tools\}")
 _ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
 
 
@@ -188,12 +189,11 @@ class GenAgentProtocol(ReplyProtocol):
     def system_prompt(self, tools: Sequence[Tool]) -> str:
         """The system prompt with one ``{"type": "function", ...}`` schema per tool."""
         lines = "\n".join(json.dumps(t.schema(), ensure_ascii=False) for t in tools)
-        # Unescape ``{{`` / ``}}`` in the template only: the schemas themselves contain ``}}``.
-        pieces = (
-            piece.replace("{{", "{").replace("}}", "}")
-            for piece in self.system_template.split("{tools}")
+        # One pass, like str.format: ``{{`` / ``}}`` in the template are unescaped, while the
+        # schemas (which contain ``}}`` themselves) are inserted verbatim.
+        return _TEMPLATE_RE.sub(
+            lambda m: lines if m.group() == "{tools}" else m.group()[0], self.system_template
         )
-        return lines.join(pieces)
 
     def user_message(self, task: Task) -> Message:
         """The user's request."""
@@ -361,10 +361,23 @@ def _split_blocks(reply: str) -> _Blocks:
 
     A block ends at its closing tag or, when that is missing (cut by a stop sequence, or simply
     forgotten), at the next opening tag or the end of the reply. Stray closing tags are ignored.
+    A closed ``<think>`` or ``<judge>`` is free text: tags mentioned inside it ("no <answer>
+    yet") are not blocks.
     """
     out: dict[str, list[str]] = {t: [] for t in _TAGS}
     matches = list(_TAG_RE.finditer(reply))
     count = len(matches)
+    # For think / judge: the index of the next closing tag after each match (one reverse pass,
+    # so replies full of tags stay linear).
+    next_close: dict[str, list[int | None]] = {}
+    for free in ("think", "judge"):
+        ahead: list[int | None] = [None] * count
+        nearest: int | None = None
+        for j in range(count - 1, -1, -1):
+            ahead[j] = nearest
+            if matches[j].group(1) and matches[j].group(2).lower() == free:
+                nearest = j
+        next_close[free] = ahead
     i = 0
     while i < count:
         match = matches[i]
@@ -372,6 +385,11 @@ def _split_blocks(reply: str) -> _Blocks:
             i += 1
             continue
         tag = match.group(2).lower()
+        closing = next_close[tag][i] if tag in next_close else None
+        if closing is not None:
+            out[tag].append(reply[match.end() : matches[closing].start()])
+            i = closing + 1
+            continue
         end, following = len(reply), count
         for j in range(i + 1, count):
             other = matches[j]

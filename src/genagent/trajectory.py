@@ -411,7 +411,7 @@ class Trajectory(BaseModel):
             raise TrajectoryError(f"cannot read: {exc.strerror}", path=path) from None
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
             raise TrajectoryError(
                 f"not valid JSON (truncated or corrupt?): {exc}", path=path
             ) from None
@@ -458,6 +458,8 @@ def _verify_image(store: DirectoryImageStore, ref: ImageRef) -> None:
         data = path.read_bytes()
     except FileNotFoundError:
         raise TrajectoryError("image file is missing", path=path) from None
+    except OSError as exc:
+        raise TrajectoryError(f"cannot read image file: {exc.strerror}", path=path) from None
     if len(data) != ref.nbytes or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise TrajectoryError(
             f"image file is corrupt ({len(data)} bytes, expected {ref.nbytes} with sha256 "
