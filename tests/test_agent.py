@@ -938,3 +938,55 @@ def test_agent_with_a_custom_tool_requires_a_policy() -> None:
 def test_agent_accepts_tools_keyword_for_several_tools() -> None:
     agent = Agent(tools=[Paint(), Recolour()], policy=ScriptedPolicy([]))
     assert list(agent.tools) == ["image_generation_tool", "image_editing_tool"]
+
+
+# --------------------------------------------------------------------------- additions
+
+
+class Extra(GenerationTool):
+    """Returns one more image than it was asked for, without reporting seeds."""
+
+    def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+        return ToolResult(images=[solid("red") for _ in range(len(ctx.seeds) + 1)])
+
+
+def test_images_beyond_the_given_seeds_are_recorded_with_no_seed() -> None:
+    agent = Agent(tool=Extra(), policy=ScriptedPolicy([generate("red"), answer()]), seed=3)
+    trajectory = agent.run("red")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None and len(outcome.images) == 2
+    assert outcome.seeds[0] == agent.derive_seeds(3, 1, 1)[0]
+    assert outcome.seeds[1] is None
+
+
+class SwapToEdit(Hooks):
+    async def before_tool(self, ctx: RunContext, call: Any) -> Any:
+        return call.model_copy(
+            update={"name": "image_editing_tool", "arguments": {"instruction": "x"}}
+        )
+
+
+def test_a_hook_swapping_in_an_edit_before_any_image_is_a_model_visible_error() -> None:
+    recolour = Recolour()
+    agent = Agent(
+        tools=[Paint(), recolour],
+        policy=ScriptedPolicy([generate("red")] * 3),
+        hooks=SwapToEdit(),
+        max_retries=1,
+    )
+    trajectory = agent.run("red")
+    assert recolour.edited == []  # the edit tool never ran without an image
+    assert trajectory.turns[0].error is not None
+    assert "no image exists yet" in trajectory.turns[0].error.message
+    assert trajectory.termination == Termination.ERROR
+
+
+def test_tools_returning_pil_images_are_stored_as_png_off_the_event_loop() -> None:
+    # PIL images are encoded in a worker thread; the result is the same PNG as encode_png gives
+    from genagent.images import encode_png
+
+    agent = Agent(tool=Paint(), policy=ScriptedPolicy([generate("blue"), answer()]))
+    trajectory = agent.run("blue")
+    ref = trajectory.final_image_ref
+    assert ref is not None and ref.format == "png"
+    assert ref.read_bytes() == encode_png(solid("blue"))

@@ -459,3 +459,20 @@ def test_unpickled_memory_store_accepts_new_images() -> None:
     restored.put(png_bytes(colour="blue"))
 
     assert len(restored) == 2
+
+
+def test_png_with_valid_checksums_but_corrupt_pixels_is_rejected() -> None:
+    # a corrupt compressed stream whose chunk CRCs were recomputed passes PIL's verify();
+    # the store decodes the pixels, so the image is rejected before it is stored
+    image = Image.new("RGB", (32, 32), "red")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    body = bytearray(data[start + 8 : start + 8 + length])
+    body[2:] = b"\xff" * (len(body) - 2)  # keep the zlib header, ruin the deflate stream
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)) & 0xFFFFFFFF)
+    data[start + 8 : start + 12 + length] = bytes(body) + crc
+    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
+        MemoryImageStore().put(bytes(data))

@@ -447,3 +447,13 @@ def test_scene_judge_gives_none_for_a_non_simulator_image() -> None:
 def test_scene_judge_rejects_an_unknown_mode() -> None:
     with pytest.raises(ValueError, match="mode"):
         SceneJudge(mode="lenient")  # type: ignore[arg-type]
+
+
+async def test_safe_ascore_surfaces_a_reward_returning_the_wrong_type(image: Image.Image) -> None:
+    # a wrong return type is a bug in the reward, not a judge failure to record and move past
+    class Returns(Reward):
+        def score(self, prompt: str, image: Image.Image, ctx: Any = None) -> Any:
+            return "0.5"
+
+    with pytest.raises(ConfigurationError, match="return a float"):
+        await Returns().safe_ascore("p", image)

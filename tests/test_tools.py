@@ -467,3 +467,19 @@ def test_edit_args_require_a_non_empty_instruction() -> None:
 
     with pytest.raises(ValidationError):
         EditArgs.model_validate({"instruction": "   "})
+
+
+def test_schema_parameters_carry_no_python_docstring() -> None:
+    # the Args model's docstring is for Python readers, not part of what the policy sees
+    from genagent.tools import GenerationArgs
+
+    class Documented(GenerationArgs):
+        """Internal notes about the arguments."""
+
+    class Tool_(GenerationTool):
+        Args = Documented
+
+        def __call__(self, args: Any, ctx: Any) -> Any:
+            return None
+
+    assert "description" not in Tool_.schema()["function"]["parameters"]

@@ -81,6 +81,7 @@ logger = logging.getLogger("genagent")
 SeedPolicy = Literal["per_round", "fixed", "random"]
 T = TypeVar("T")
 _SEED_LIMIT = 2**31 - 1
+_INLINE_STORE_BYTES = 256 * 1024  # encoded images up to this size are checked on the loop
 
 
 @dataclass(frozen=True)
@@ -609,6 +610,12 @@ class _Run:
                 raise ProtocolError(
                     f"unknown tool {call.name!r}", hint=f"Available tools: {sorted(agent.tools)}."
                 )
+            if tool.requires_image and self.current is None:
+                # the parser checks this too; a before_tool hook may have swapped the call
+                raise ProtocolError(
+                    f"{call.name} edits the latest image, but no image exists yet",
+                    hint="Generate an image first.",
+                )
             try:
                 args = tool.parse_args(call.arguments)
             except ValidationError as exc:
@@ -621,7 +628,7 @@ class _Run:
             )
             if replaced_result is not None:
                 result = replaced_result
-            images = tuple(self._store(result))
+            images = tuple(await self._store(result))
             record.text = result.text
             record.metadata = dict(result.metadata)
             record.seeds = list(result.seeds) if result.seeds is not None else list(seeds)
@@ -717,7 +724,15 @@ class _Run:
         )
         return merged, seeds
 
-    def _store(self, result: ToolResult) -> list[ImageRef]:
+    async def _store(self, result: ToolResult) -> list[ImageRef]:
+        # Encoding a PIL image or checking a large file takes milliseconds (about 0.1 s for a
+        # 1024 px PNG): do it off the event loop so concurrent runs are not stalled by it.
+        heavy = any(not isinstance(i, bytes) or len(i) > _INLINE_STORE_BYTES for i in result.images)
+        if heavy:
+            return await asyncio.to_thread(self._store_sync, result)
+        return self._store_sync(result)
+
+    def _store_sync(self, result: ToolResult) -> list[ImageRef]:
         refs: list[ImageRef] = []
         for i, image in enumerate(result.images):
             try:
@@ -929,12 +944,16 @@ def _hash_seed(base: int, round_: int, index: int) -> int:
 
 
 def _merge_seeds(results: Sequence[ToolResult], chunks: Sequence[list[int]]) -> list[int | None]:
+    """One seed per returned image.
+
+    The tool's own report when it gives one, else the seeds it was given; ``None`` for images
+    beyond them.
+    """
     seeds: list[int | None] = []
     for result, chunk in zip(results, chunks, strict=True):
-        if result.seeds is not None:
-            seeds.extend(result.seeds)
-        else:
-            seeds.extend(chunk[: len(result.images)] if len(result.images) <= len(chunk) else chunk)
+        given: list[int | None] = list(result.seeds) if result.seeds is not None else list(chunk)
+        count = len(result.images)
+        seeds.extend((given + [None] * count)[:count])
     return seeds
 
 

@@ -310,7 +310,8 @@ def inspect_image(
     """Check that ``data`` is a complete, readable image within limits; return an unbound ref.
 
     The pixel count is checked from the header before any pixel is decoded, so a decompression
-    bomb is rejected cheaply.
+    bomb is rejected cheaply; then the whole image is decoded, so that what is stored can be
+    read back.
 
     Raises:
         InvalidImageError: If the data is empty, too large, not an image, or truncated.
@@ -334,7 +335,9 @@ def inspect_image(
                         f"image is {width}x{height} = {width * height:,} pixels, over the limit "
                         f"of {max_image_pixels:,} (raise max_image_pixels if this is intended)"
                     )
-                image.verify()
+                # decode every pixel: a stored image is one that can be read back (verify()
+                # alone misses a corrupt compressed stream with valid checksums)
+                image.load()
     except InvalidImageError:
         raise
     except UnidentifiedImageError:

@@ -103,6 +103,8 @@ class Reward:
         """Like :meth:`ascore`, but an exception becomes a recorded failure (score ``None``)."""
         try:
             return coerce_reward_output(await self.ascore(prompt, image, ctx))
+        except ConfigurationError:
+            raise  # a reward returning the wrong type is a bug to fix, not a failed score
         except Exception as exc:
             logger.warning("reward %r failed: %s: %s", self.name, type(exc).__name__, exc)
             return RewardOutput(

@@ -239,12 +239,15 @@ class Tool:
     @classmethod
     def schema(cls) -> dict[str, Any]:
         """The tool's function schema, in the OpenAI / Qwen ``{"type": "function", ...}`` form."""
+        parameters = _clean_schema(cls.Args.model_json_schema())
+        # the Args class docstring is for Python readers; the policy reads `description` above
+        parameters.pop("description", None)
         return {
             "type": "function",
             "function": {
                 "name": cls.name,
                 "description": cls.description,
-                "parameters": _clean_schema(cls.Args.model_json_schema()),
+                "parameters": parameters,
             },
         }
 
