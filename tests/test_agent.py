@@ -990,3 +990,23 @@ def test_tools_returning_pil_images_are_stored_as_png_off_the_event_loop() -> No
     ref = trajectory.final_image_ref
     assert ref is not None and ref.format == "png"
     assert ref.read_bytes() == encode_png(solid("blue"))
+
+
+def test_a_budget_spent_before_a_tool_call_leaves_no_coroutine_unawaited() -> None:
+    import gc
+    import warnings
+
+    now = [0.0]
+
+    class SlowSetup(Paint):
+        def setup(self) -> None:
+            now[0] += 100.0  # loading the weights spends the whole budget
+
+    policy = ScriptedPolicy([generate("red"), answer()])
+    agent = Agent(SlowSetup(), policy=policy, time_budget_s=50, clock=lambda: now[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trajectory = agent.run("x")
+        gc.collect()
+    assert trajectory.termination is Termination.BUDGET
+    assert not [w for w in caught if "never awaited" in str(w.message)]

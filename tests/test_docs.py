@@ -47,7 +47,7 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     for i, block in enumerate(blocks):
-        code = compile(block, f"{page.name}[block {i}]", "exec")
+        code = compile(block, f"{page.name}[block {i}]", "exec", dont_inherit=True)
         exec(code, namespace)
 
 
@@ -90,7 +90,7 @@ def test_docstring_examples_run(
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     for i, block in enumerate(_blocks(doc)):
-        exec(compile(block, f"{where}[block {i}]", "exec"), namespace)
+        exec(compile(block, f"{where}[block {i}]", "exec", dont_inherit=True), namespace)
 
 
 def test_docstring_examples_are_found() -> None:

@@ -184,6 +184,15 @@ def test_before_tool_replacement_changes_the_executed_call() -> None:
     assert image is not None and image.getpixel((0, 0)) == (0, 0, 255)
 
 
+def test_before_tool_replacement_is_recorded_beside_the_policys_call() -> None:
+    trajectory, _ = run(Recaption(suffix="", prefix="blue "), tool=Paint())
+    turn = trajectory.turns[0]
+    assert turn.action is not None and turn.action.tool_call is not None
+    assert turn.action.tool_call.arguments == {"caption": "red"}  # what the policy wrote
+    assert turn.tool_result is not None and turn.tool_result.call is not None
+    assert turn.tool_result.call.arguments == {"caption": "blue red"}  # what ran
+
+
 def test_before_tool_replacement_is_revalidated_against_the_tool() -> None:
     class Invalid(Hooks):
         async def before_tool(self, ctx: RunContext, call: ToolCall) -> ToolCall:

@@ -548,7 +548,9 @@ class _Run:
         start = time.perf_counter()
         try:
             output = await self._within_budget(
-                agent.policy.generate(messages, stop=agent.protocol.stop, sampling=agent.sampling)
+                lambda: agent.policy.generate(
+                    messages, stop=agent.protocol.stop, sampling=agent.sampling
+                )
             )
         except BudgetExceeded:
             return None
@@ -605,6 +607,7 @@ class _Run:
             if replaced is not None:
                 call = done.call = replaced
                 record.tool = call.name
+                record.call = call
             tool = agent.tools.get(call.name)
             if tool is None:
                 raise ProtocolError(
@@ -659,7 +662,7 @@ class _Run:
     ) -> tuple[ToolResult, list[int]]:
         agent = self.agent
         try:
-            await self._within_budget(tool.ensure_setup())
+            await self._within_budget(tool.ensure_setup)
         except (BudgetExceeded, ToolUnavailable):
             raise
         except Exception as exc:
@@ -713,7 +716,7 @@ class _Run:
             # acall implementations may return an image or a list of images
             return coerce_tool_result(result)
 
-        results = await self._within_budget(_gather_or_cancel([one(c) for c in chunks]))
+        results = await self._within_budget(lambda: _gather_or_cancel([one(c) for c in chunks]))
         merged = ToolResult(
             images=[img for r in results for img in r.images],
             text="\n".join(r.text for r in results if r.text) or None,
@@ -823,20 +826,21 @@ class _Run:
         remaining = self.ctx.remaining_s()
         return remaining is not None and remaining <= 0
 
-    async def _within_budget(self, awaitable: Awaitable[T]) -> T:
-        """Await within the budget; ``BudgetExceeded`` when it runs out first.
+    async def _within_budget(self, start: Callable[[], Awaitable[T]]) -> T:
+        """Start the work and await it within the budget; ``BudgetExceeded`` if it runs out.
+
+        ``start`` is called only when budget remains, so no coroutine is created (and left
+        un-awaited) once the budget is spent.
 
         Not ``asyncio.wait_for``: its ``TimeoutError`` cannot be told apart from one raised by
         the policy or tool itself (a server timeout), which is a failure, not a spent budget.
         """
         remaining = self.ctx.remaining_s()
         if remaining is None:
-            return await awaitable
+            return await start()
         if remaining <= 0:
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
             raise BudgetExceeded("time budget spent")
-        task = asyncio.ensure_future(awaitable)
+        task = asyncio.ensure_future(start())
         try:
             done, _ = await asyncio.wait({task}, timeout=remaining)
         except BaseException:

@@ -146,6 +146,8 @@ class ToolOutcome(BaseModel):
 
     Attributes:
         tool: The tool's name.
+        call: The call as executed, recorded only when a ``before_tool`` hook replaced the
+            policy's (which stays in ``Turn.action``).
         round: The image round this call produced (1-based), or ``None`` if it produced no image.
         images: Indices into ``Trajectory.images`` of every image produced (all candidates).
         selected: Position in ``images`` of the image that continues the run (the one shown
@@ -161,6 +163,7 @@ class ToolOutcome(BaseModel):
     model_config = _MODEL_CONFIG
 
     tool: str
+    call: ToolCall | None = None
     round: int | None = None
     images: list[int] = Field(default_factory=list)
     selected: int | None = None
@@ -349,8 +352,8 @@ class Trajectory(BaseModel):
     def to_messages(self) -> list[Message]:
         """The conversation as the policy saw it: system, user, assistant, tool responses, ...
 
-        Replies are included with the protocol's closing suffix; the last turn's follow-up
-        message (an error notice) is included when it exists.
+        Replies are included with the protocol's closing suffix. The conversation ends with the
+        last reply: an observation or error notice that no policy call followed is not part of it.
         """
         messages: list[Message] = []
         for turn in self.turns:
