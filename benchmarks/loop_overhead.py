@@ -9,7 +9,7 @@ recording the turn, running the (empty) hooks. Image handling is measured on its
 * encoding: PIL image -> PNG bytes (what a tool returning PIL images costs)
 * persistence: ``Trajectory.save`` / ``Trajectory.load`` (with hash verification) per turn
 
-Usage: python benchmarks/loop_overhead.py [--runs 300] [--rounds 4] [--repeat 5]
+Usage: python benchmarks/loop_overhead.py [--runs 300] [--rounds 4] [--repeat 5] [--image-iters 200]
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300, help="runs per measurement")
     parser.add_argument("--rounds", type=int, default=4, help="images per run")
     parser.add_argument("--repeat", type=int, default=5, help="repetitions (median reported)")
+    parser.add_argument(
+        "--image-iters", type=int, default=200, help="calls per image measurement (1024 px: /5)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
 
@@ -153,7 +156,7 @@ def main() -> None:
         data = png(side)
         pil = Image.open(io.BytesIO(data)).convert("RGB")
         store = MemoryImageStore()
-        n = 200 if side <= 512 else 40
+        n = args.image_iters if side <= 512 else max(1, args.image_iters // 5)
         results[f"storage_{side}px_us_per_image"] = 1e6 * per_call(
             lambda d=data, s=store: s.put(d), n
         )

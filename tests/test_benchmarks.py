@@ -1,0 +1,43 @@
+"""Benchmark scripts keep working (a smoke run with tiny settings; nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_loop_overhead_reports_every_measure() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "loop_overhead.py"),
+            "--runs",
+            "3",
+            "--repeat",
+            "1",
+            "--image-iters",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    results = report["results"]
+    for key in (
+        "framework_async_tool_us_per_turn",
+        "framework_sync_tool_us_per_turn",
+        "with_storage_64px_us_per_turn",
+        "storage_1024px_us_per_image",
+        "encoding_1024px_us_per_image",
+        "save_us_per_turn",
+        "load_us_per_turn",
+    ):
+        assert results[key] > 0
+    assert report["info"]["rounds"] == 4
