@@ -18,6 +18,7 @@ from genagent import (
     FinalStep,
     FunctionPolicy,
     GenerationTool,
+    HookError,
     Hooks,
     InvalidImageError,
     Message,
@@ -36,6 +37,7 @@ from genagent import (
     ToolUnavailable,
     Trajectory,
     reward,
+    tool,
 )
 
 SIZE = (16, 16)
@@ -311,7 +313,8 @@ def test_time_budget_with_a_slow_policy_ends_with_budget() -> None:
     agent = Agent(Paint(), policy=FunctionPolicy(slow), time_budget_s=0.2)
     trajectory = agent.run("x", seed=0)
     assert trajectory.termination is Termination.BUDGET
-    assert len(trajectory.turns) == 1
+    assert len(trajectory.turns) == 1 and trajectory.turns[0].interrupted
+    assert trajectory.to_messages() == []  # no reply was ever made
     assert trajectory.wall_s < 10
 
 
@@ -672,7 +675,9 @@ def test_exhausted_scripted_policy_raises_policy_error() -> None:
     with pytest.raises(PolicyError, match="ran out of replies") as info:
         Agent(Paint(), policy=ScriptedPolicy([generate("red")])).run("x", seed=0)
     assert info.value.trajectory is not None
-    assert len(info.value.trajectory.turns) == 2
+    turns = info.value.trajectory.turns
+    assert len(turns) == 2 and turns[1].interrupted and not turns[0].interrupted
+    assert len(info.value.trajectory.to_messages()) == 3  # system, user, the one reply
 
 
 # --------------------------------------------------------------------------- run_batch
@@ -902,11 +907,16 @@ class NotAPolicy:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"candidates": 0}, "candidates must be at least 1"),
-        ({"max_rounds": 0}, "max_rounds must be at least 1"),
-        ({"max_turns": 0}, "max_turns must be at least 1"),
-        ({"time_budget_s": 0}, "time_budget_s must be positive"),
-        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"candidates": 0}, "candidates must be an int >= 1"),
+        ({"candidates": 2.5}, "candidates must be an int >= 1"),
+        ({"max_rounds": 0}, "max_rounds must be an int >= 1"),
+        ({"max_rounds": "3"}, "max_rounds must be an int >= 1"),
+        ({"max_turns": 0}, "max_turns must be an int >= 1"),
+        ({"time_budget_s": 0}, "time_budget_s must be a positive number"),
+        ({"time_budget_s": float("nan")}, "time_budget_s must be a positive number"),
+        ({"max_retries": -1}, "max_retries must be an int >= 0"),
+        ({"seed": "x"}, "a seed must be an int or None"),
+        ({"hooks": [object()]}, "hooks must be Hooks instances"),
         ({"seed_policy": "sometimes"}, "seed_policy must be"),
         ({"show_candidates": "best"}, "show_candidates must be"),
         ({"judge": lambda prompt, image: 1.0}, "judge must be a Reward"),
@@ -1010,3 +1020,214 @@ def test_a_budget_spent_before_a_tool_call_leaves_no_coroutine_unawaited() -> No
         gc.collect()
     assert trajectory.termination is Termination.BUDGET
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_without_a_judge_the_policy_keeps_the_candidate_it_selects() -> None:
+    # Shades: candidate i is grey 40*i; the policy keeps candidate 3 (grey 80)
+    policy = ScriptedPolicy(
+        [generate("x"), "<select>3</select><judge>ok</judge><answer>x</answer>"]
+    )
+    trajectory = Agent(Shades(), policy=policy, candidates=4).run("x")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None
+    assert outcome.selected == 2 and outcome.selected_by == "policy"
+    assert trajectory.final_image_index == outcome.images[2]
+    assert trajectory.final_image.getpixel((0, 0)) == 80
+    assert trajectory.image_after_round(1) == trajectory.images[outcome.images[2]]
+
+
+def test_without_a_judge_or_a_selection_candidate_one_continues() -> None:
+    policy = ScriptedPolicy([generate("x"), answer()])
+    trajectory = Agent(Shades(), policy=policy, candidates=3).run("x")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None and outcome.selected == 0 and outcome.selected_by == "default"
+    shown = trajectory.turns[1].messages[0]
+    assert len(shown.images) == 3 and "Candidate 3:" in shown.text
+
+
+def test_the_simulator_policy_is_as_good_with_candidates_as_without() -> None:
+    from genagent.sim import HeuristicPolicy, SceneJudge, sample_tasks
+
+    tasks = sample_tasks(40, seed=3)
+    judge = SceneJudge()
+
+    def accuracy(**kwargs: Any) -> float:
+        agent = Agent(policy=HeuristicPolicy(miss_rate=0), rewards={"j": judge}, **kwargs)
+        runs = agent.run_batch(tasks, seeds=list(range(40)))
+        return sum(t.rewards["j"].score or 0.0 for t in runs) / len(runs)
+
+    assert accuracy(candidates=4) >= accuracy(candidates=1) - 0.05
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        ToolResult(images=None),  # type: ignore[arg-type]
+        ToolResult(images=[solid("red")], text=123),  # type: ignore[arg-type]
+        ToolResult(images=[solid("red")], seeds=5),  # type: ignore[arg-type]
+        ToolResult(images=[solid("red")], metadata=None),  # type: ignore[arg-type]
+    ],
+    ids=["images", "text", "seeds", "metadata"],
+)
+def test_a_malformed_tool_result_raises_tool_unavailable(result: ToolResult) -> None:
+    @tool
+    def broken(caption: str) -> ToolResult:
+        """Return a malformed result."""
+        return result
+
+    with pytest.raises(ToolUnavailable, match="malformed ToolResult") as info:
+        Agent(broken, policy=ScriptedPolicy([generate("x"), answer()])).run("x")
+    assert info.value.trajectory is not None
+
+
+@pytest.mark.parametrize(
+    ("method", "returned"),
+    [("before_policy", "not messages"), ("before_tool", {"name": "x"}), ("after_tool", [1])],
+)
+def test_a_hook_returning_the_wrong_type_raises_hook_error(method: str, returned: Any) -> None:
+    class Wrong(Hooks):
+        pass
+
+    async def hook(self: Hooks, *args: Any) -> Any:
+        return returned
+
+    setattr(Wrong, method, hook)
+    with pytest.raises(HookError, match=f"{method} returned"):
+        Agent(Paint(), policy=ScriptedPolicy([generate("red"), answer()]), hooks=Wrong()).run("x")
+
+
+def test_an_unexpected_exception_ends_only_its_own_run_in_a_batch() -> None:
+    class Flaky(Hooks):
+        async def on_turn_end(self, ctx: RunContext, turn: Any) -> None:
+            if ctx.task.prompt == "green":
+                raise HookError("deliberate")  # a RunError
+            if ctx.task.prompt == "yellow":
+                raise GenAgentErrorSubclass("a usage error escaping from a hook")
+
+    agent = Agent(Paint(), policy=FunctionPolicy(generate_then_answer), hooks=Flaky(), max_rounds=1)
+    runs = agent.run_batch(["red", "green", "yellow", "blue"], concurrency=4)
+    assert [r.termination for r in runs] == [
+        Termination.MAX_ROUNDS,
+        Termination.ERROR,
+        Termination.ERROR,
+        Termination.MAX_ROUNDS,
+    ]
+    assert runs[2].error is not None and "a usage error escaping" in runs[2].error.message
+
+
+class GenAgentErrorSubclass(ConfigurationError):
+    pass
+
+
+def test_a_nan_judge_score_never_wins() -> None:
+    @reward
+    def nan_for_the_first(prompt: str, image: Image.Image) -> float:
+        level = image.convert("L").getpixel((0, 0))
+        return float("nan") if level == 0 else level / 255
+
+    policy = ScriptedPolicy([generate("x"), answer()])
+    trajectory = Agent(Shades(), policy=policy, candidates=4, judge=nan_for_the_first).run("x")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None
+    assert outcome.scores is not None and outcome.scores[0] is None
+    assert outcome.selected == 3 and outcome.selected_by == "judge"
+
+
+def test_judging_is_bounded_by_the_time_budget() -> None:
+    @reward
+    async def slow_judge(prompt: str, image: Image.Image) -> float:
+        await asyncio.sleep(5)
+        return 1.0
+
+    agent = Agent(
+        Shades(),
+        policy=ScriptedPolicy([generate("x"), answer()]),
+        candidates=2,
+        judge=slow_judge,
+        time_budget_s=0.3,
+    )
+    trajectory = agent.run("x")
+    assert trajectory.termination is Termination.BUDGET
+    assert trajectory.wall_s < 3
+    assert trajectory.turns[0].tool_result is not None
+    assert trajectory.turns[0].tool_result.selected == 0
+
+
+def test_wall_time_includes_the_final_rewards() -> None:
+    @reward
+    async def slow_reward(prompt: str, image: Image.Image) -> float:
+        await asyncio.sleep(0.2)
+        return 1.0
+
+    trajectory = Agent(
+        Paint(), policy=ScriptedPolicy([generate("red"), answer()]), rewards=[slow_reward]
+    ).run("x")
+    assert trajectory.wall_s >= 0.2
+
+
+def test_a_tool_never_runs_more_calls_at_once_than_its_max_concurrency() -> None:
+    import threading
+
+    class Serial(GenerationTool):
+        max_concurrency = 1
+
+        def __init__(self) -> None:
+            self.active = 0
+            self.peak = 0
+            self.lock = threading.Lock()
+
+        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+            with self.lock:
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            import time
+
+            time.sleep(0.01)
+            with self.lock:
+                self.active -= 1
+            return ToolResult(images=[solid("red")])
+
+    serial = Serial()
+    agent = Agent(serial, policy=FunctionPolicy(generate_then_answer), candidates=3)
+    agent.run_batch(["red"] * 4, concurrency=4)
+    assert serial.peak == 1
+
+
+def test_metadata_cannot_overwrite_what_genagent_records() -> None:
+    agent = Agent(Paint(), policy=FunctionPolicy(generate_then_answer))
+    with pytest.raises(ConfigurationError, match="seed"):
+        agent.run("red", seed=7, metadata={"seed": 99})
+    trajectory = agent.run("red", seed=7, metadata={"experiment": "a"})
+    assert trajectory.metadata["seed"] == 7 and trajectory.metadata["experiment"] == "a"
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_is_a_configuration_error(prompt: str) -> None:
+    with pytest.raises(ConfigurationError, match="empty"):
+        Agent().run(prompt)
+
+
+def test_run_batch_accepts_seeds_from_any_iterable() -> None:
+    agent = Agent(Paint(), policy=FunctionPolicy(generate_then_answer))
+    runs = agent.run_batch(["red", "blue"], seeds=iter([1, 2]))
+    assert [r.metadata["seed"] for r in runs] == [1, 2]
+
+
+async def test_cancelling_the_task_still_calls_on_run_end() -> None:
+    recorder = Recorder()
+
+    async def slow(messages: Sequence[Message], *_: Any) -> str:
+        await asyncio.sleep(30)
+        return generate("red")
+
+    agent = Agent(Paint(), policy=FunctionPolicy(slow), hooks=recorder)
+    task = asyncio.ensure_future(agent.arun("x"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert recorder.ended == [Termination.CANCELLED]
+    assert recorder.trajectory is not None and recorder.trajectory.turns[0].interrupted

@@ -86,3 +86,52 @@ def test_list_and_version(tmp_path: Path) -> None:
     assert listed.returncode == 0 and "heuristic" in listed.stdout and "scene" in listed.stdout
     version = genagent("version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("genagent ")
+
+
+def test_error_text_is_printed_verbatim_not_as_markup(tmp_path: Path) -> None:
+    result = genagent("run", "a cat", "--tool", "[/red]", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "unknown tool '[/red]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("size=10", "between 32 and 2048"),
+        ("size=abc", "between 32 and 2048"),
+        ("bogus=1", "does not take"),
+    ],
+)
+def test_bad_tool_arguments_are_one_line_errors(tmp_path: Path, arg: str, message: str) -> None:
+    result = genagent("run", "a cat", "--tool-arg", arg, cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_with_candidates_and_a_judge(tmp_path: Path) -> None:
+    result = genagent(
+        "run",
+        "two red apples",
+        "--candidates",
+        "3",
+        "--judge",
+        "scene",
+        "--seed",
+        "2",
+        "--out",
+        "t",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    trajectory = Trajectory.load(tmp_path / "t")
+    first = trajectory.turns[0].tool_result
+    assert first is not None and len(first.images) == 3 and first.selected_by == "judge"
+
+
+def test_empty_prompt_and_an_out_that_is_a_file_are_rejected_up_front(tmp_path: Path) -> None:
+    empty = genagent("run", "", cwd=tmp_path)
+    assert empty.returncode == 1 and "prompt is empty" in empty.stderr
+    (tmp_path / "taken").write_text("x")
+    demo = genagent("demo", "--tasks", "200", "--out", "taken", cwd=tmp_path)
+    assert demo.returncode == 2 and "not a folder" in demo.stderr

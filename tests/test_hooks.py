@@ -287,8 +287,23 @@ def test_hook_raising_a_plain_exception_ends_the_run_with_hook_error(method: str
     assert isinstance(info.value.__cause__, KeyError)
     trajectory = info.value.trajectory
     assert trajectory is not None
-    assert trajectory.termination is Termination.ERROR
     assert trajectory.error is not None and trajectory.error.type == "HookError"
+    # a hook failing once the run is over records the error but keeps how the run ended
+    expected = Termination.ANSWERED if method == "on_run_end" else Termination.ERROR
+    assert trajectory.termination is expected
+
+
+def test_a_failing_on_run_end_hook_is_called_once() -> None:
+    calls = []
+
+    class Broken(Hooks):
+        async def on_run_end(self, ctx: RunContext, trajectory: Trajectory) -> None:
+            calls.append(trajectory.termination)
+            raise KeyError("oops")
+
+    with pytest.raises(HookError):
+        run(Broken())
+    assert calls == [Termination.ANSWERED]
 
 
 def test_hook_raising_tool_refused_in_before_tool_shows_a_refusal() -> None:

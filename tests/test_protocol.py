@@ -711,12 +711,18 @@ def test_observation_keeps_several_images_in_order_and_adds_text(
     assert message.images == image_refs
     assert [type(p) for p in message.content] == [
         TextPart,
+        TextPart,
         ImagePart,
+        TextPart,
         ImagePart,
+        TextPart,
         TextPart,
         TextPart,
     ]
-    assert message.text == "<tool_response>2 candidates</tool_response>"
+    text = message.text
+    assert text.startswith("<tool_response>Candidate 1:Candidate 2:")
+    assert "<select>k</select> (1 to 2)" in text
+    assert text.endswith("2 candidates</tool_response>")
 
 
 def test_observation_uses_custom_prefix_and_suffix(image_refs: list[ImageRef]) -> None:
@@ -749,3 +755,57 @@ def test_reply_error_asks_for_a_corrected_reply_in_the_format(protocol: GenAgent
     assert "the reply contains 2 tool calls Call exactly one tool." in message.text
     assert "<tool_call>" in message.text and "<answer>" in message.text
     assert not message.images
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_select_keeps_a_candidate_of_several(
+    protocol: GenAgentProtocol, tools: dict[str, Tool]
+) -> None:
+    state = ProtocolState(tools=tools, num_images=4, candidates=4)
+    action = protocol.parse("<select>3</select><judge>ok</judge><answer>done</answer>", state)
+    assert action.kind == "answer" and action.selected == 3
+
+
+@pytest.mark.parametrize(
+    ("select", "message"),
+    [
+        ("<select>5</select>", "names no candidate"),
+        ("<select>two</select>", "candidate number"),
+        ("<select>1</select><select>2</select>", "more than once"),
+    ],
+)
+def test_bad_selections_are_protocol_errors(
+    protocol: GenAgentProtocol, tools: dict[str, Tool], select: str, message: str
+) -> None:
+    state = ProtocolState(tools=tools, num_images=4, candidates=4)
+    with pytest.raises(ProtocolError, match=message):
+        protocol.parse(f"{select}<answer>done</answer>", state)
+
+
+def test_a_caption_mentioning_a_tag_is_still_one_tool_call(
+    protocol: GenAgentProtocol, after_image: ProtocolState
+) -> None:
+    reply = (
+        f"<tool_call>{call(caption='a shop sign that reads <answer> in red letters')}</tool_call>"
+    )
+    action = protocol.parse(reply, after_image)
+    assert action.tool_call is not None
+    assert action.tool_call.arguments["caption"] == "a shop sign that reads <answer> in red letters"
+
+
+def test_a_call_quoted_inside_a_closed_thought_is_not_executed(
+    protocol: GenAgentProtocol, after_image: ProtocolState
+) -> None:
+    reply = (
+        '<think>Earlier I called {"name": "image_generation_tool", "arguments": {"caption": '
+        '"a cat"}} and it worked.</think><judge>All correct.</judge>'
+    )
+    with pytest.raises(ProtocolError, match="neither"):
+        protocol.parse(reply, after_image)
+
+
+def test_user_template_must_keep_the_prompt() -> None:
+    with pytest.raises(ConfigurationError, match="prompt"):
+        GenAgentProtocol(user_template="Draw something.")

@@ -20,6 +20,7 @@ from genagent import (
     Task,
     reward,
 )
+from genagent.rewards import coerce_reward_output
 from genagent.sim import SceneJudge, SceneTool
 
 PROMPT = "two red apples and one blue cup"
@@ -457,3 +458,10 @@ async def test_safe_ascore_surfaces_a_reward_returning_the_wrong_type(image: Ima
 
     with pytest.raises(ConfigurationError, match="return a float"):
         await Returns().safe_ascore("p", image)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_become_recorded_failures(value: float) -> None:
+    assert coerce_reward_output(value).score is None
+    out = coerce_reward_output(RewardOutput(score=value, info={"judge": "x"}))
+    assert out.score is None and out.info["judge"] == "x" and "score" in out.info["error"]

@@ -483,3 +483,44 @@ def test_schema_parameters_carry_no_python_docstring() -> None:
             return None
 
     assert "description" not in Tool_.schema()["function"]["parameters"]
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_tool_decorator_rejects_arguments_that_cannot_be_a_schema() -> None:
+    with pytest.raises(ToolDefinitionError, match="cannot become a JSON schema"):
+
+        @tool
+        def painter(caption: str, palette: Image.Image) -> Image.Image:
+            """Paint with a palette image."""
+            return palette
+
+    with pytest.raises(ToolDefinitionError, match="cannot become a JSON schema"):
+
+        @tool
+        def hidden(caption: str, _secret: int = 1) -> Image.Image:
+            """Paint."""
+            return Image.new("RGB", (8, 8))
+
+
+def test_an_async_setup_is_rejected_when_the_class_is_defined() -> None:
+    with pytest.raises(ToolDefinitionError, match="`setup` must be a plain"):
+
+        class AsyncSetup(GenerationTool):
+            async def setup(self) -> None:  # type: ignore[override]
+                pass
+
+            def __call__(self, args: Any, ctx: Any) -> Any:
+                return None
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_max_concurrency_must_be_a_positive_int(value: Any) -> None:
+    with pytest.raises(ToolDefinitionError, match="max_concurrency"):
+
+        class Limited(GenerationTool):
+            max_concurrency = value
+
+            def __call__(self, args: Any, ctx: Any) -> Any:
+                return None

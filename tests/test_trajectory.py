@@ -435,3 +435,45 @@ def test_image_refs_from_any_store_can_be_saved(three_rounds: Trajectory, tmp_pa
     loaded = Trajectory.load(rebound.save(tmp_path / "saved"))
 
     assert loaded == three_rounds
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(final_image_index=99),
+        lambda d: d.update(final_image_index=-1),
+        lambda d: next(t for t in d["turns"] if t["tool_result"])["tool_result"].update(
+            images=[42]
+        ),
+        lambda d: next(t for t in d["turns"] if t["tool_result"])["tool_result"].update(selected=7),
+    ],
+    ids=["final-too-large", "final-negative", "round-image", "round-selection"],
+)
+def test_indices_that_point_nowhere_are_rejected_on_load(saved: Path, change: Any) -> None:
+    path = _rewrite_json(saved, change)
+    with pytest.raises(TrajectoryError, match="does not match the trajectory schema") as info:
+        Trajectory.load(saved)
+    assert info.value.path == path
+
+
+def test_an_image_format_cannot_lead_outside_the_images_folder(saved: Path, tmp_path: Path) -> None:
+    # a hostile file naming a format like "x/../../secret" must not make refs read elsewhere
+    def hostile(data: dict[str, Any]) -> None:
+        data["images"][0]["format"] = "x/../../../secret.txt"
+
+    _rewrite_json(saved, hostile)
+    with pytest.raises(TrajectoryError, match="does not match the trajectory schema"):
+        Trajectory.load(saved, verify_images=False)
+
+
+def test_save_into_an_unwritable_place_is_a_trajectory_error(
+    three_rounds: Trajectory, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrajectoryError, match="cannot write") as info:
+        three_rounds.save(blocker / "run")
+    assert info.value.path is not None and str(blocker) in str(info.value.path)

@@ -19,10 +19,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -81,7 +84,7 @@ logger = logging.getLogger("genagent")
 SeedPolicy = Literal["per_round", "fixed", "random"]
 T = TypeVar("T")
 _SEED_LIMIT = 2**31 - 1
-_INLINE_STORE_BYTES = 256 * 1024  # encoded images up to this size are checked on the loop
+_RESERVED_METADATA = frozenset({"genagent_version", "policy", "tools", "protocol", "agent", "seed"})
 
 
 @dataclass(frozen=True)
@@ -192,19 +195,24 @@ class Agent:
     ) -> None:
         self.tools: dict[str, Tool] = _resolve_tools(tool, tools)
         self.policy: Policy = _resolve_policy(policy, self.tools)
+        if protocol is not None and not isinstance(protocol, ReplyProtocol):
+            raise ConfigurationError(f"protocol must be a ReplyProtocol, got {protocol!r}")
         self.protocol: ReplyProtocol = protocol if protocol is not None else GenAgentProtocol()
-        if max_rounds < 1:
-            raise ConfigurationError(f"max_rounds must be at least 1, got {max_rounds}")
-        self.max_rounds = max_rounds
-        self.max_turns = max_turns if max_turns is not None else 2 * max_rounds + 2
-        if self.max_turns < 1:
-            raise ConfigurationError(f"max_turns must be at least 1, got {self.max_turns}")
-        if time_budget_s is not None and time_budget_s <= 0:
-            raise ConfigurationError(f"time_budget_s must be positive, got {time_budget_s}")
+        self.max_rounds = _positive_int("max_rounds", max_rounds)
+        self.max_turns = _positive_int(
+            "max_turns", max_turns if max_turns is not None else 2 * self.max_rounds + 2
+        )
+        if time_budget_s is not None and not (
+            isinstance(time_budget_s, (int, float))
+            and not isinstance(time_budget_s, bool)
+            and math.isfinite(time_budget_s)
+            and time_budget_s > 0
+        ):
+            raise ConfigurationError(
+                f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}"
+            )
         self.time_budget_s = time_budget_s
-        if candidates < 1:
-            raise ConfigurationError(f"candidates must be at least 1, got {candidates}")
-        self.candidates = candidates
+        self.candidates = _positive_int("candidates", candidates)
         if judge is not None and not isinstance(judge, Reward):
             raise ConfigurationError(f"judge must be a Reward, got {type(judge).__name__}")
         self.judge = judge
@@ -216,17 +224,21 @@ class Agent:
             "selected" if judge is not None else "all"
         )
         self.rewards: dict[str, Reward] = _resolve_rewards(rewards)
-        if max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
-        self.max_retries = max_retries
+        self.max_retries = _positive_int("max_retries", max_retries, minimum=0)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ConfigurationError(f"sampling must be SamplingParams, got {sampling!r}")
         self.sampling = sampling or SamplingParams()
-        self.seed = seed
+        self.seed = _seed(seed)
         if seed_policy not in ("per_round", "fixed", "random"):
             raise ConfigurationError(
                 f"seed_policy must be 'per_round', 'fixed' or 'random', got {seed_policy!r}"
             )
         self.seed_policy: SeedPolicy = seed_policy
-        self.hooks = HookList([hooks] if isinstance(hooks, Hooks) else list(hooks))
+        hook_list = [hooks] if isinstance(hooks, Hooks) else list(hooks)
+        for hook in hook_list:
+            if not isinstance(hook, Hooks):
+                raise ConfigurationError(f"hooks must be Hooks instances, got {hook!r}")
+        self.hooks = HookList(hook_list)
         self.image_store = image_store
         self.clock = clock
 
@@ -312,10 +324,10 @@ class Agent:
         from genagent._progress import progress_bar
 
         tasks = [Task.coerce(p) for p in prompts]
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-        if seeds is not None and len(seeds) != len(tasks):
-            raise ConfigurationError(f"got {len(seeds)} seeds for {len(tasks)} prompts")
+        _positive_int("concurrency", concurrency)
+        seed_list = [_seed(s) for s in seeds] if seeds is not None else None
+        if seed_list is not None and len(seed_list) != len(tasks):
+            raise ConfigurationError(f"got {len(seed_list)} seeds for {len(tasks)} prompts")
         semaphore = asyncio.Semaphore(concurrency)
         results: list[Trajectory | None] = [None] * len(tasks)
 
@@ -323,7 +335,7 @@ class Agent:
 
             async def one(i: int) -> None:
                 async with semaphore:
-                    seed = seeds[i] if seeds is not None else None
+                    seed = seed_list[i] if seed_list is not None else None
                     try:
                         results[i] = await self.arun(tasks[i], seed=seed)
                     except RunError as exc:
@@ -363,7 +375,13 @@ class Agent:
             asyncio.run(main())
             ```
         """
-        run = _Run(self, Task.coerce(prompt), seed, metadata)
+        reserved = _RESERVED_METADATA.intersection(metadata or {})
+        if reserved:
+            raise ConfigurationError(
+                f"metadata keys {sorted(reserved)} are recorded by genagent itself; choose "
+                "other names"
+            )
+        run = _Run(self, Task.coerce(prompt), _seed(seed), metadata)
         # Close the inner generator with this one, so that stopping early records the
         # cancellation now rather than whenever the inner generator is garbage-collected.
         async with contextlib.aclosing(run.steps()) as steps:
@@ -446,7 +464,10 @@ class _Run:
         self.ctx = RunContext(agent=agent, trajectory=self.trajectory, deadline=deadline)
         self.conversation: list[Message] = []
         self.current: int | None = None  # index in trajectory.images of the current image
+        # the last tool response's outcome and the images it showed (for <select>)
+        self.shown: tuple[ToolOutcome, list[ImageRef]] | None = None
         self.retries = 0
+        self.ended = False  # on_run_end has been called
 
     # ------------------------------------------------------------------ driver
 
@@ -518,14 +539,19 @@ class _Run:
         except RunError as exc:
             await self._fail(exc)
             raise
-        except GeneratorExit:
-            self._finalize(Termination.CANCELLED)
-            with contextlib.suppress(Exception):
-                await agent.hooks.on_run_end(self.ctx, traj)
+        except (GeneratorExit, asyncio.CancelledError):
+            await self._cancelled()
             raise
-        except asyncio.CancelledError:
-            self._finalize(Termination.CANCELLED)
-            raise
+        except Exception as exc:
+            # A bug in a custom component (or in genagent): end the run like any other failure,
+            # with the partial trajectory, so that one broken run does not sink a batch.
+            wrapped = RunError(
+                f"the run failed unexpectedly: {type(exc).__name__}: {exc} (the original "
+                "exception is chained as __cause__)"
+            )
+            wrapped.__cause__ = exc
+            await self._fail(wrapped)
+            raise wrapped from exc
         yield FinalStep(trajectory=traj)
 
     def _observation(self, done: _ToolTurn) -> Message:
@@ -534,6 +560,7 @@ class _Run:
             shown = list(images)
         else:
             shown = [images[record.selected]] if record.selected is not None else []
+        self.shown = (record, shown)
         return self.agent.protocol.observation(shown, record.text)
 
     # ------------------------------------------------------------------ policy
@@ -543,9 +570,15 @@ class _Run:
         messages = list(self.conversation)
         replaced = await self._hook(agent.hooks.before_policy(self.ctx, messages))
         if replaced is not None:
+            if not isinstance(replaced, list) or not all(isinstance(m, Message) for m in replaced):
+                raise HookError(
+                    f"before_policy returned {type(replaced).__name__}; return a list of "
+                    "Message or None"
+                )
             turn.sent_messages = list(replaced)
             messages = list(replaced)
         start = time.perf_counter()
+        turn.interrupted = True  # until the reply arrives
         try:
             output = await self._within_budget(
                 lambda: agent.policy.generate(
@@ -570,6 +603,7 @@ class _Run:
             raise PolicyError(
                 f"policy {_name(agent.policy)} returned {type(output).__name__}, not a PolicyOutput"
             )
+        turn.interrupted = False
         text = _clean_text(output.text)
         turn.reply = text
         turn.reply_suffix = agent.protocol.reply_suffix(output)
@@ -584,13 +618,28 @@ class _Run:
         return output
 
     def _parse(self, turn: Turn) -> Action | ProtocolError:
-        state = ProtocolState(tools=self.agent.tools, num_images=len(self.trajectory.images))
+        state = ProtocolState(
+            tools=self.agent.tools,
+            num_images=len(self.trajectory.images),
+            candidates=len(self.shown[1]) if self.shown is not None else 1,
+        )
         try:
             action = self.agent.protocol.parse(turn.reply, state)
         except ProtocolError as exc:
             return exc
         turn.action = action
+        if action.selected is not None and self.shown is not None and len(self.shown[1]) > 1:
+            self._keep(self.shown[0], action.selected - 1, "policy")
         return action
+
+    def _keep(
+        self, record: ToolOutcome, position: int, by: Literal["default", "judge", "policy"]
+    ) -> None:
+        """Make candidate ``position`` of ``record`` the image the run continues with."""
+        record.selected = position
+        record.selected_by = by
+        self.current = record.images[position]
+        self.trajectory.final_image_index = self.current
 
     # ------------------------------------------------------------------ tools
 
@@ -605,6 +654,10 @@ class _Run:
             # inside the try: a hook may refuse the call (ToolRefused) for the model to see
             replaced = await self._hook(agent.hooks.before_tool(self.ctx, call), model_visible=True)
             if replaced is not None:
+                if not isinstance(replaced, ToolCall):
+                    raise HookError(
+                        f"before_tool returned {type(replaced).__name__}; return a ToolCall or None"
+                    )
                 call = done.call = replaced
                 record.tool = call.name
                 record.call = call
@@ -630,7 +683,12 @@ class _Run:
                 agent.hooks.after_tool(self.ctx, call, result), model_visible=True
             )
             if replaced_result is not None:
-                result = replaced_result
+                if not isinstance(replaced_result, ToolResult):
+                    raise HookError(
+                        f"after_tool returned {type(replaced_result).__name__}; return a "
+                        "ToolResult or None"
+                    )
+                result = _checked_result(replaced_result, "the after_tool hook")
             images = tuple(await self._store(result))
             record.text = result.text
             record.metadata = dict(result.metadata)
@@ -639,11 +697,11 @@ class _Run:
                 first = len(traj.images)
                 traj.images.extend(images)
                 record.images = list(range(first, first + len(images)))
-                record.scores, record.selected = await self._select(images)
+                scores, best = await self._select(images)
+                record.scores = scores
                 self.ctx.round += 1
                 record.round = self.ctx.round
-                self.current = record.images[record.selected]
-                traj.final_image_index = self.current
+                self._keep(record, best, "judge" if scores is not None else "default")
                 done.images = images
             elif record.text is None:
                 raise ToolExecutionError(f"{call.name} returned neither an image nor text")
@@ -701,7 +759,8 @@ class _Run:
                 progress_callback=progress,
             )
             try:
-                result: Any = await tool.acall(args, ctx)
+                async with _tool_slot(tool):
+                    result: Any = await tool.acall(args, ctx)
             except (ModelVisibleError, RunError):
                 raise
             except InvalidImageError as exc:
@@ -714,7 +773,7 @@ class _Run:
                     f"tool {call.name} raised {type(exc).__name__}: {exc}"
                 ) from exc
             # acall implementations may return an image or a list of images
-            return coerce_tool_result(result)
+            return _checked_result(coerce_tool_result(result), f"tool {call.name}")
 
         results = await self._within_budget(lambda: _gather_or_cancel([one(c) for c in chunks]))
         merged = ToolResult(
@@ -728,12 +787,12 @@ class _Run:
         return merged, seeds
 
     async def _store(self, result: ToolResult) -> list[ImageRef]:
-        # Encoding a PIL image or checking a large file takes milliseconds (about 0.1 s for a
-        # 1024 px PNG): do it off the event loop so concurrent runs are not stalled by it.
-        heavy = any(not isinstance(i, bytes) or len(i) > _INLINE_STORE_BYTES for i in result.images)
-        if heavy:
-            return await asyncio.to_thread(self._store_sync, result)
-        return self._store_sync(result)
+        # Encoding a PIL image and decoding every stored image take milliseconds (about 0.1 s
+        # and 30 ms for a 1024 px PNG; a small file may hide a huge image): always off the
+        # event loop, so that concurrent runs are not stalled by them.
+        if not result.images:
+            return []
+        return await asyncio.to_thread(self._store_sync, result)
 
     def _store_sync(self, result: ToolResult) -> list[ImageRef]:
         refs: list[ImageRef] = []
@@ -753,24 +812,30 @@ class _Run:
         return refs
 
     async def _select(self, images: Sequence[ImageRef]) -> tuple[list[float | None] | None, int]:
+        """The judge's scores and the best candidate.
+
+        The first candidate when there is no judge, or when the budget runs out while judging.
+        """
         judge = self.agent.judge
         if judge is None or len(images) < 2:
             return None, 0
-        outputs = await asyncio.gather(
-            *(
-                judge.safe_ascore(
-                    self.trajectory.prompt,
-                    ref.open(),
-                    RewardContext(
-                        task=self.trajectory.task,
-                        trajectory=self.trajectory,
-                        round=self.ctx.round + 1,
-                        image_ref=ref,
-                    ),
-                )
-                for ref in images
+
+        async def score(ref: ImageRef) -> RewardOutput:
+            image = await asyncio.to_thread(ref.open)
+            context = RewardContext(
+                task=self.trajectory.task,
+                trajectory=self.trajectory,
+                round=self.ctx.round + 1,
+                image_ref=ref,
             )
-        )
+            return await judge.safe_ascore(self.trajectory.prompt, image, context)
+
+        try:
+            outputs = await self._within_budget(
+                lambda: asyncio.gather(*(score(ref) for ref in images))
+            )
+        except BudgetExceeded:
+            return None, 0  # the loop ends with "budget" at its next check
         scores = [o.score for o in outputs]
         best = max(
             range(len(scores)),
@@ -785,18 +850,33 @@ class _Run:
         traj = self.trajectory
         if self.agent.rewards:
             traj.rewards = await self._final_rewards()
+            traj.wall_s = self.agent.clock() - self.started  # rewards are part of the run
+        self.ended = True
         await self._hook(self.agent.hooks.on_run_end(self.ctx, traj))
 
     async def _fail(self, exc: RunError) -> None:
+        """Record a run-ending error; an on_run_end hook that failed keeps the termination."""
         traj = self.trajectory
         traj.error = ErrorInfo.from_exception(exc)
-        self._finalize(Termination.ERROR)
+        if not self.ended:
+            self._finalize(Termination.ERROR)
         exc.trajectory = traj
         try:
             await self.agent.hooks.on_error(self.ctx, exc)
-            await self.agent.hooks.on_run_end(self.ctx, traj)
+            if not self.ended:
+                self.ended = True
+                await self.agent.hooks.on_run_end(self.ctx, traj)
         except Exception:
             logger.exception("a hook failed while handling %s", type(exc).__name__)
+
+    async def _cancelled(self) -> None:
+        self._finalize(Termination.CANCELLED)
+        if not self.ended:
+            self.ended = True
+            try:
+                await self.agent.hooks.on_run_end(self.ctx, self.trajectory)
+            except Exception:
+                logger.exception("a hook failed in on_run_end of a cancelled run")
 
     def _finalize(self, termination: Termination) -> None:
         traj = self.trajectory
@@ -813,7 +893,7 @@ class _Run:
                 n: RewardOutput(score=None, info={"error": "the run produced no image"})
                 for n in names
             }
-        image = ref.open()
+        image = await asyncio.to_thread(ref.open)
         ctx = RewardContext(task=traj.task, trajectory=traj, round=traj.num_rounds, image_ref=ref)
         outputs = await asyncio.gather(
             *(self.agent.rewards[n].safe_ascore(traj.prompt, image, ctx) for n in names)
@@ -940,6 +1020,61 @@ def _resolve_rewards(rewards: Mapping[str, Reward] | Sequence[Reward]) -> dict[s
             raise ConfigurationError(f"two rewards are named {name!r}; pass a mapping to rename")
         out[name] = reward
     return out
+
+
+def _checked_result(result: ToolResult, source: str) -> ToolResult:
+    """Check the shape of a tool result in one place; a malformed one is the tool's bug."""
+    problems = []
+    # typed as Any: a tool's dataclass fields hold whatever the tool put there
+    images: Any = result.images
+    text: Any = result.text
+    seeds: Any = result.seeds
+    metadata: Any = result.metadata
+    if not isinstance(images, (list, tuple)):
+        problems.append(f"images is {type(images).__name__}, not a list")
+    if text is not None and not isinstance(text, str):
+        problems.append(f"text is {type(text).__name__}, not a str")
+    if seeds is not None and not (
+        isinstance(seeds, (list, tuple))
+        and all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds)
+    ):
+        problems.append("seeds is not a list of ints")
+    if not isinstance(metadata, dict):
+        problems.append(f"metadata is {type(metadata).__name__}, not a dict")
+    if problems:
+        raise ToolUnavailable(f"{source} returned a malformed ToolResult: {'; '.join(problems)}")
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _tool_slot(tool: Tool) -> AsyncIterator[None]:
+    """Hold one of the tool's ``max_concurrency`` slots (shared by every run and event loop)."""
+    limit = tool.max_concurrency
+    if limit is None:
+        yield
+        return
+    semaphore = tool.__dict__.get("_genagent_slots")
+    if semaphore is None:
+        semaphore = tool.__dict__.setdefault("_genagent_slots", threading.BoundedSemaphore(limit))
+    # a threading semaphore polled from the loop: usable from any loop and cancellation-safe
+    while not semaphore.acquire(blocking=False):  # noqa: ASYNC110 (no cross-loop asyncio.Event)
+        await asyncio.sleep(0.002)
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _seed(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigurationError(f"a seed must be an int or None, got {value!r}")
+    return value
 
 
 def _hash_seed(base: int, round_: int, index: int) -> int:

@@ -44,7 +44,9 @@ def _friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except GenAgentError as exc:
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+            line = Text("error: ", style="bold red")
+            line.append(f"{type(exc).__name__}: {exc}")  # verbatim: never rich markup
+            err_console.print(line, highlight=False, soft_wrap=True)
             trajectory = getattr(exc, "trajectory", None)
             if trajectory is not None:
                 err_console.print(
@@ -85,6 +87,9 @@ def demo(
 ) -> None:
     """Offline demo (SIMULATOR): single-shot generation against the agent after each round."""
     from genagent.sim.demo import run_demo
+
+    if save and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
 
     if not as_json:
         console.print(
@@ -158,6 +163,10 @@ def run(
     ] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Maximum images.")] = 3,
     candidates: Annotated[int, typer.Option(min=1, help="Images per tool call.")] = 1,
+    judge: Annotated[
+        str | None,
+        typer.Option(help="Reward (registry name) that picks the best of --candidates images."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed (default: random).")] = None,
     budget: Annotated[float | None, typer.Option(min=0.001, help="Time budget in seconds.")] = None,
     out: Annotated[
@@ -171,6 +180,9 @@ def run(
     from genagent import registry
     from genagent.agent import Agent
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+
     tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
     chosen_policy = (
         registry.policies.create(policy, **_parse_kv(policy_arg, "--policy-arg"))
@@ -182,6 +194,7 @@ def run(
         policy=chosen_policy,
         max_rounds=rounds,
         candidates=candidates,
+        judge=registry.rewards.create(judge) if judge is not None else None,
         time_budget_s=budget,
     )
     trajectory = agent.run(prompt, seed=seed)

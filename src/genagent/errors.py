@@ -24,12 +24,15 @@ GenAgentError
 
 How the agent loop treats them:
 
-* A ``ModelVisibleError`` becomes a message to the policy and is recorded on the turn. After
-  ``max_retries`` consecutive such errors the run ends with ``termination="error"``; the
-  trajectory is returned, not raised, because the failure is the policy's and is itself a result.
+* A ``ModelVisibleError`` becomes a message to the policy and is recorded on the turn. The
+  policy gets ``max_retries`` retries: error number ``max_retries + 1`` in a row ends the run
+  with ``termination="error"``; the trajectory is returned, not raised, because the failure is
+  the policy's and is itself a result.
 * ``BudgetExceeded`` ends the run with ``termination="budget"``; the trajectory is returned.
 * Any other ``RunError`` is raised from ``Agent.run`` with the partial trajectory attached, because
   the failure is the infrastructure's. ``run_batch`` records it on that run's trajectory instead.
+  An unexpected exception from a custom component becomes a plain ``RunError`` the same way
+  (the original chained as ``__cause__``), so that one broken run does not sink a batch.
 """
 
 from __future__ import annotations

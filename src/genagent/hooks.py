@@ -32,7 +32,7 @@ class RunContext:
     Attributes:
         agent: The agent running.
         trajectory: The trajectory so far (live; do not mutate it from hooks).
-        round: Images produced so far.
+        round: Image rounds completed so far (a round with several candidates counts once).
         turn: Index of the current turn.
         deadline: Clock time at which the budget is spent, if there is a budget.
         state: Free-form per-run storage for hooks.

@@ -18,7 +18,7 @@ import uuid
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -55,6 +55,9 @@ _MIME: Final = {
     "bmp": "image/bmp",
 }
 
+ImageFormat = Literal["png", "jpeg", "webp", "gif", "bmp"]
+"""The encoded formats a store accepts."""
+
 ImageLike: TypeAlias = "PILImage.Image | bytes"
 """What tools may return as an image: a PIL image (encoded as PNG) or encoded bytes."""
 
@@ -76,7 +79,7 @@ class ImageRef(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    format: str
+    format: ImageFormat
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     nbytes: int = Field(gt=0)
@@ -350,7 +353,7 @@ def inspect_image(
         raise InvalidImageError(f"unsupported image format {fmt or 'unknown'!r}")
     return ImageRef(
         sha256=hashlib.sha256(data).hexdigest(),
-        format=fmt,
+        format=cast("ImageFormat", fmt),
         width=width,
         height=height,
         nbytes=len(data),

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from genagent.errors import ModelVisibleError, ProtocolError
+from genagent.errors import ConfigurationError, ModelVisibleError, ProtocolError
 from genagent.images import ImageRef
 from genagent.messages import Message
 from genagent.policies._base import PolicyOutput
@@ -84,10 +84,13 @@ class ProtocolState:
     Attributes:
         tools: The agent's tools by name.
         num_images: Images produced so far (an edit or an answer needs at least one).
+        candidates: Candidate images the last tool response showed (``<select>`` ranges over
+            them).
     """
 
     tools: Mapping[str, Tool]
     num_images: int = 0
+    candidates: int = 1
 
 
 class ReplyProtocol(ABC):
@@ -136,8 +139,8 @@ class ReplyProtocol(ABC):
 
 # --------------------------------------------------------------------------- GenAgent
 
-_TAGS = ("think", "judge", "tool_call", "answer")
-_TAG_RE = re.compile(r"<(/?)(think|judge|tool_call|answer)\s*>", re.IGNORECASE)
+_TAGS = ("think", "judge", "select", "tool_call", "answer")
+_TAG_RE = re.compile(r"<(/?)(think|judge|select|tool_call|answer)\s*>", re.IGNORECASE)
 _FENCE_RE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?|\n?```\s*$")
 _FENCED_BLOCK_RE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{tools\}")
@@ -148,8 +151,10 @@ _ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
 class _Blocks:
     think: list[str]
     judge: list[str]
+    select: list[str]
     tool_call: list[str]
     answer: list[str]
+    outside: str  # the reply without the contents of closed think / judge blocks
 
 
 class GenAgentProtocol(ReplyProtocol):
@@ -175,9 +180,11 @@ class GenAgentProtocol(ReplyProtocol):
         stop: Sequence[str] = ("</tool_call>", "</answer>"),
     ) -> None:
         if "{tools}" not in system_template:
-            from genagent.errors import ConfigurationError
-
             raise ConfigurationError("system_template must contain the {tools} placeholder")
+        if "{prompt}" not in user_template:
+            raise ConfigurationError(
+                "user_template must contain the {prompt} placeholder, or the request is lost"
+            )
         self.system_template = system_template
         self.user_template = user_template
         self.observation_prefix = observation_prefix
@@ -200,8 +207,21 @@ class GenAgentProtocol(ReplyProtocol):
         return Message.user(self.user_template.replace("{prompt}", task.prompt))
 
     def observation(self, images: Sequence[ImageRef], text: str | None = None) -> Message:
-        """``<tool_response>`` image(s) [text] ``</tool_response>`` as a user message."""
-        parts: list[str | ImageRef] = [self.observation_prefix, *images]
+        """``<tool_response>`` image [text] ``</tool_response>`` as a user message.
+
+        Several images (candidates shown to the policy) are labelled ``Candidate 1:``, ... and
+        followed by a note that ``<select>k</select>`` keeps candidate ``k``.
+        """
+        parts: list[str | ImageRef] = [self.observation_prefix]
+        if len(images) > 1:
+            for k, image in enumerate(images, 1):
+                parts.extend((f"Candidate {k}:", image))
+            parts.append(
+                f"Write <select>k</select> (1 to {len(images)}) to keep candidate k; "
+                "without it, candidate 1 is kept."
+            )
+        else:
+            parts.extend(images)
         if text:
             parts.append(text)
         parts.append(self.observation_suffix)
@@ -258,6 +278,7 @@ class GenAgentProtocol(ReplyProtocol):
         blocks = _split_blocks(reply)
         thought = _first(blocks.think)
         judgment = _first(blocks.judge)
+        selected = _parse_select(blocks.select, state)
         if len(blocks.tool_call) > 1:
             raise ProtocolError(
                 f"the reply contains {len(blocks.tool_call)} tool calls",
@@ -278,13 +299,17 @@ class GenAgentProtocol(ReplyProtocol):
                     reply_excerpt=_excerpt(reply),
                 )
             return Action(
-                kind="answer", thought=thought, judgment=judgment, answer=blocks.answer[0].strip()
+                kind="answer",
+                thought=thought,
+                judgment=judgment,
+                selected=selected,
+                answer=blocks.answer[0].strip(),
             )
         payload: str | None
         if blocks.tool_call:
             payload = blocks.tool_call[0]
         else:
-            payload = _untagged_call(reply, state)
+            payload = _untagged_call(blocks.outside, state)
             if payload is None:
                 raise ProtocolError(
                     "the reply has neither a <tool_call> nor an <answer>",
@@ -293,7 +318,9 @@ class GenAgentProtocol(ReplyProtocol):
                     reply_excerpt=_excerpt(reply),
                 )
         call = self._parse_call(payload, state)
-        return Action(kind="tool_call", thought=thought, judgment=judgment, tool_call=call)
+        return Action(
+            kind="tool_call", thought=thought, judgment=judgment, selected=selected, tool_call=call
+        )
 
     def _parse_call(self, payload: str, state: ProtocolState) -> ToolCall:
         obj = _load_object(payload)
@@ -359,25 +386,27 @@ class GenAgentProtocol(ReplyProtocol):
 def _split_blocks(reply: str) -> _Blocks:
     """Collect the contents of every known block.
 
-    A block ends at its closing tag or, when that is missing (cut by a stop sequence, or simply
-    forgotten), at the next opening tag or the end of the reply. Stray closing tags are ignored.
-    A closed ``<think>`` or ``<judge>`` is free text: tags mentioned inside it ("no <answer>
-    yet") are not blocks.
+    A closed block runs to its own closing tag, whatever it mentions on the way: tags inside a
+    thought ("no <answer> yet") or inside a caption ("a sign reading <answer>") are text. A block
+    whose closing tag is missing (cut by a stop sequence, or forgotten) ends at the next opening
+    tag or at the end of the reply. Stray closing tags are ignored.
     """
     out: dict[str, list[str]] = {t: [] for t in _TAGS}
     matches = list(_TAG_RE.finditer(reply))
     count = len(matches)
-    # For think / judge: the index of the next closing tag after each match (one reverse pass,
-    # so replies full of tags stay linear).
+    # For each match, the index of the next closing tag of each kind after it (one reverse
+    # pass, so that replies full of tags stay linear).
     next_close: dict[str, list[int | None]] = {}
-    for free in ("think", "judge"):
+    for tag in _TAGS:
         ahead: list[int | None] = [None] * count
         nearest: int | None = None
         for j in range(count - 1, -1, -1):
             ahead[j] = nearest
-            if matches[j].group(1) and matches[j].group(2).lower() == free:
+            if matches[j].group(1) and matches[j].group(2).lower() == tag:
                 nearest = j
-        next_close[free] = ahead
+        next_close[tag] = ahead
+    outside: list[str] = []
+    position = 0
     i = 0
     while i < count:
         match = matches[i]
@@ -385,26 +414,54 @@ def _split_blocks(reply: str) -> _Blocks:
             i += 1
             continue
         tag = match.group(2).lower()
-        closing = next_close[tag][i] if tag in next_close else None
+        closing = next_close[tag][i]
         if closing is not None:
             out[tag].append(reply[match.end() : matches[closing].start()])
+            if tag in ("think", "judge"):
+                outside.append(reply[position : match.start()])
+                position = matches[closing].end()
             i = closing + 1
             continue
         end, following = len(reply), count
         for j in range(i + 1, count):
-            other = matches[j]
-            if other.group(1):
-                if other.group(2).lower() == tag:
-                    end, following = other.start(), j + 1
-                    break
-            else:
-                end, following = other.start(), j
+            if not matches[j].group(1):
+                end, following = matches[j].start(), j
                 break
         out[tag].append(reply[match.end() : end])
         i = following
+    outside.append(reply[position:])
     return _Blocks(
-        think=out["think"], judge=out["judge"], tool_call=out["tool_call"], answer=out["answer"]
+        think=out["think"],
+        judge=out["judge"],
+        select=out["select"],
+        tool_call=out["tool_call"],
+        answer=out["answer"],
+        outside="".join(outside),
     )
+
+
+def _parse_select(blocks: list[str], state: ProtocolState) -> int | None:
+    """The candidate a ``<select>k</select>`` keeps (1-based), checked against what was shown."""
+    if not blocks:
+        return None
+    if len(blocks) > 1:
+        raise ProtocolError(
+            "the reply selects more than once", hint="Write one <select>k</select>."
+        )
+    text = blocks[0].strip()
+    if not text.isdigit() or len(text) > 6:
+        raise ProtocolError(
+            f"<select> must hold a candidate number, got {text[:40]!r}",
+            hint="Write e.g. <select>2</select>.",
+        )
+    k = int(text)
+    shown = max(1, state.candidates)
+    if not 1 <= k <= shown:
+        raise ProtocolError(
+            f"<select>{k}</select> names no candidate: the last tool response showed {shown}",
+            hint=f"Choose a number from 1 to {shown}.",
+        )
+    return k
 
 
 def _first(items: list[str]) -> str | None:

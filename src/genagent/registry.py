@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from genagent.errors import ConfigurationError
 
-__all__ = ["Registry", "RegistryEntry", "policies", "tools"]
+__all__ = ["Registry", "RegistryEntry", "policies", "rewards", "tools"]
 
 T = TypeVar("T")
 
@@ -56,10 +56,12 @@ class Registry(Generic[T]):
     Args:
         kind: What the registry holds, for error messages (``"tool"``, ``"policy"``).
         group: The entry-point group third-party packages register under.
+        plural: The plural of ``kind`` (default: ``kind + "s"``).
     """
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, *, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or f"{kind}s"
         self.group = group
         self._entries: dict[str, RegistryEntry] = {}
         self._entry_points_loaded = False
@@ -93,10 +95,18 @@ class Registry(Generic[T]):
         """Build the entry ``name`` with ``kwargs``.
 
         Raises:
-            ConfigurationError: If no such entry exists (the message lists the known names).
+            ConfigurationError: If no such entry exists (the message lists the known names), or
+                the factory rejects the arguments.
         """
-        entry = self.entry(name)
-        result: T = entry.load()(**kwargs)
+        factory = self.entry(name).load()
+        try:
+            result: T = factory(**kwargs)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"{self.kind} {name!r} does not take these arguments: {exc}"
+            ) from exc
+        except ValueError as exc:
+            raise ConfigurationError(f"{self.kind} {name!r}: {exc}") from exc
         return result
 
     def entry(self, name: str) -> RegistryEntry:
@@ -107,7 +117,7 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ConfigurationError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {known}"
+                f"unknown {self.kind} {name!r}; known {self.plural}: {known}"
             ) from None
 
     def names(self) -> list[str]:
@@ -135,8 +145,11 @@ class Registry(Generic[T]):
 tools: Registry[Any] = Registry("tool", "genagent.tools")
 """Tool factories. A factory returns a ``Tool`` or a list of tools."""
 
-policies: Registry[Any] = Registry("policy", "genagent.policies")
+policies: Registry[Any] = Registry("policy", "genagent.policies", plural="policies")
 """Policy factories."""
+
+rewards: Registry[Any] = Registry("reward", "genagent.rewards")
+"""Reward (judge) factories, for ``--judge``."""
 
 tools.register(
     "scene",
@@ -147,6 +160,11 @@ tools.register(
     "scene-generate",
     "genagent.sim:SceneTool",
     description="simulator: SceneTool only (GenAgent v1: generation tool only)",
+)
+rewards.register(
+    "scene",
+    "genagent.sim:SceneJudge",
+    description="simulator: SceneJudge, strict per-constraint check of simulator images",
 )
 policies.register(
     "heuristic",

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from genagent.errors import ConfigurationError
+
 __all__ = ["Task"]
 
 
@@ -33,5 +35,15 @@ class Task(BaseModel):
 
     @classmethod
     def coerce(cls, value: str | Task) -> Task:
-        """Return ``value`` as a task (a string becomes a task with no metadata)."""
-        return value if isinstance(value, Task) else cls(prompt=value)
+        """Return ``value`` as a task (a string becomes a task with no metadata).
+
+        Raises:
+            ConfigurationError: If ``value`` is an empty prompt or neither a str nor a Task.
+        """
+        if isinstance(value, Task):
+            return value
+        if not isinstance(value, str):
+            raise ConfigurationError(f"a prompt is a str or a Task, got {type(value).__name__}")
+        if not value.strip():
+            raise ConfigurationError("the prompt is empty; say what to generate")
+        return cls(prompt=value)

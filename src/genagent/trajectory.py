@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genagent.errors import InvalidImageError, TrajectoryError
 from genagent.images import DirectoryImageStore, ImageRef, _atomic_write
@@ -108,6 +108,8 @@ class Action(BaseModel):
         kind: ``"tool_call"`` or ``"answer"``.
         thought: The reply's reasoning (``<think>``), if any.
         judgment: The reply's verdict on the latest image (``<judge>``), if any.
+        selected: The candidate the reply keeps (``<select>k</select>``, 1-based), when the last
+            tool response showed several.
         tool_call: The call, when ``kind == "tool_call"``.
         answer: The answer text, when ``kind == "answer"``.
     """
@@ -117,6 +119,7 @@ class Action(BaseModel):
     kind: Literal["tool_call", "answer"]
     thought: str | None = None
     judgment: str | None = None
+    selected: int | None = None
     tool_call: ToolCall | None = None
     answer: str | None = None
 
@@ -150,8 +153,11 @@ class ToolOutcome(BaseModel):
             policy's (which stays in ``Turn.action``).
         round: The image round this call produced (1-based), or ``None`` if it produced no image.
         images: Indices into ``Trajectory.images`` of every image produced (all candidates).
-        selected: Position in ``images`` of the image that continues the run (the one shown
-            to the policy, edited next, and final if the run stops here).
+        selected: Position in ``images`` of the image that continues the run (the one edited
+            next, and final if the run stops here).
+        selected_by: Who chose it: ``"judge"`` (the agent's judge scored the candidates),
+            ``"policy"`` (a ``<select>k</select>`` in the next reply) or ``"default"`` (the
+            first candidate).
         seeds: The seed used for each image, when the tool reports them.
         scores: The judge's score for each candidate, when a judge chose among them.
         text: Text the tool returned alongside its images.
@@ -167,6 +173,7 @@ class ToolOutcome(BaseModel):
     round: int | None = None
     images: list[int] = Field(default_factory=list)
     selected: int | None = None
+    selected_by: Literal["default", "judge", "policy"] | None = None
     seeds: list[int | None] = Field(default_factory=list)
     scores: list[float | None] | None = None
     text: str | None = None
@@ -184,6 +191,9 @@ class Turn(BaseModel):
             and user request for the first turn; the tool response or error message after).
         sent_messages: The full message list actually sent, recorded only when a hook replaced it.
         reply: The policy's text exactly as generated.
+        interrupted: The policy call did not complete (the time budget ran out, the run was
+            cancelled, or the policy failed): there is no reply, and ``to_messages()`` leaves
+            the turn out.
         reply_suffix: Text the protocol appended to close a reply cut at a stop sequence (e.g.
             ``"</tool_call>"``); the conversation continues with ``reply + reply_suffix``.
         action: The parsed action, or ``None`` if the reply could not be used.
@@ -204,6 +214,7 @@ class Turn(BaseModel):
     messages: list[Message] = Field(default_factory=list)
     sent_messages: list[Message] | None = None
     reply: str = ""
+    interrupted: bool = False
     reply_suffix: str = ""
     action: Action | None = None
     error: ErrorInfo | None = None
@@ -285,6 +296,25 @@ class Trajectory(BaseModel):
     tool_s: float = 0.0
     usage: Usage = Field(default_factory=Usage)
 
+    @model_validator(mode="after")
+    def _indices_in_range(self) -> Trajectory:
+        """Every image index points at an image (a hand-edited or corrupt file fails to load)."""
+        n = len(self.images)
+        if self.final_image_index is not None and not 0 <= self.final_image_index < n:
+            raise ValueError(f"final_image_index {self.final_image_index} is not an image index")
+        for turn in self.turns:
+            outcome = turn.tool_result
+            if outcome is None:
+                continue
+            if any(not 0 <= i < n for i in outcome.images):
+                raise ValueError(f"turn {turn.index} names an image that does not exist")
+            if outcome.selected is not None and not 0 <= outcome.selected < len(outcome.images):
+                raise ValueError(
+                    f"turn {turn.index} selects candidate {outcome.selected} of "
+                    f"{len(outcome.images)}"
+                )
+        return self
+
     # ----------------------------------------------------------------- views
 
     @property
@@ -314,7 +344,8 @@ class Trajectory(BaseModel):
             if outcome is None or outcome.round is None or outcome.selected is None:
                 continue
             candidates = tuple(self.images[i] for i in outcome.images)
-            call = turn.action.tool_call if turn.action is not None else None
+            # the call as executed: a before_tool hook's replacement, else the policy's
+            call = outcome.call or (turn.action.tool_call if turn.action is not None else None)
             records.append(
                 RoundRecord(
                     round=outcome.round,
@@ -350,13 +381,17 @@ class Trajectory(BaseModel):
         return latest
 
     def to_messages(self) -> list[Message]:
-        """The conversation as the policy saw it: system, user, assistant, tool responses, ...
+        """The canonical conversation: system, user, assistant, tool responses, ...
 
         Replies are included with the protocol's closing suffix. The conversation ends with the
-        last reply: an observation or error notice that no policy call followed is not part of it.
+        last reply: an observation or error notice that no policy call followed is not part of
+        it, nor is an interrupted turn. Where a ``before_policy`` hook replaced what was sent,
+        ``Turn.sent_messages`` holds what the policy actually received.
         """
         messages: list[Message] = []
         for turn in self.turns:
+            if turn.interrupted:
+                continue
             messages.extend(turn.messages)
             messages.append(turn.assistant_message)
         return messages
@@ -373,19 +408,26 @@ class Trajectory(BaseModel):
             The folder.
 
         Raises:
-            TrajectoryError: If an image cannot be read from its store.
+            TrajectoryError: If an image cannot be read from its store, or a file cannot be
+                written (naming it).
         """
         root = Path(folder)
         store = DirectoryImageStore(root / IMAGES_DIR)
-        for ref in _all_refs(self):
-            if ref in store:
-                continue
-            try:
-                data = ref.read_bytes()
-            except InvalidImageError as exc:
-                raise TrajectoryError(str(exc), path=store.path_of(ref)) from None
-            _atomic_write(store.path_of(ref), data)
-        _atomic_write(root / TRAJECTORY_FILE, self.model_dump_json(indent=1).encode("utf-8"))
+        target = root
+        try:
+            for ref in _all_refs(self):
+                target = store.path_of(ref)
+                if ref in store:
+                    continue
+                try:
+                    data = ref.read_bytes()
+                except InvalidImageError as exc:
+                    raise TrajectoryError(str(exc), path=target) from None
+                _atomic_write(target, data)
+            target = root / TRAJECTORY_FILE
+            _atomic_write(target, self.model_dump_json(indent=1).encode("utf-8"))
+        except OSError as exc:
+            raise TrajectoryError(f"cannot write: {exc.strerror or exc}", path=target) from None
         return root
 
     @classmethod

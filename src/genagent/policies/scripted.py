@@ -37,7 +37,10 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
 
 
 class ScriptedPolicy:
-    """A policy that returns the given replies in order: the test double of the SDK.
+    """A policy that replays a script: the test double of the SDK.
+
+    The k-th policy call of a conversation (counted by the assistant messages it has) gets the
+    k-th reply, so one ScriptedPolicy can serve many concurrent runs, each following the script.
 
     Replies are strings or functions of the conversation. Like a real server, it cuts each reply
     at the first stop sequence the agent asks for (disable with ``apply_stop=False``), so scripts
@@ -46,7 +49,7 @@ class ScriptedPolicy:
     Args:
         replies: The replies, in order.
         name: Recorded as the policy's name.
-        cycle: Start again from the first reply when the script is exhausted.
+        cycle: Start again from the first reply when a conversation outgrows the script.
         apply_stop: Cut replies at stop sequences.
 
     Attributes:
@@ -76,7 +79,6 @@ class ScriptedPolicy:
         self.cycle = cycle
         self.apply_stop = apply_stop
         self.calls: list[list[Message]] = []
-        self._position = 0
         self._lock = threading.Lock()
 
     async def generate(
@@ -88,16 +90,19 @@ class ScriptedPolicy:
     ) -> PolicyOutput:
         """Return the next scripted reply."""
         start = time.perf_counter()
+        # The k-th reply of every conversation is replies[k]: concurrent runs sharing the
+        # policy each follow the script from its start.
+        position = sum(1 for m in messages if m.role == "assistant")
+        if position >= len(self.replies):
+            if not (self.cycle and self.replies):
+                raise PolicyError(
+                    f"ScriptedPolicy ran out of replies: turn {position + 1} of the conversation "
+                    f"asked for a reply and the script has {len(self.replies)}; give it more "
+                    "replies, a function reply, or cycle=True"
+                )
+            position %= len(self.replies)
+        reply = self.replies[position]
         with self._lock:
-            if self._position >= len(self.replies):
-                if not (self.cycle and self.replies):
-                    raise PolicyError(
-                        f"ScriptedPolicy ran out of replies after {self._position} calls; give it "
-                        "more replies, a function reply, or cycle=True"
-                    )
-                self._position = 0
-            reply = self.replies[self._position]
-            self._position += 1
             self.calls.append(list(messages))
         text = reply(messages) if callable(reply) else reply
         matched: str | None = None

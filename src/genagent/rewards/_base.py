@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,12 +171,22 @@ def _coerce_pairwise_output(value: Any) -> PairwiseOutput:
 
 
 def coerce_reward_output(value: Any) -> RewardOutput:
-    """Turn a float, bool, ``None`` or :class:`RewardOutput` into a :class:`RewardOutput`."""
+    """Turn a float, bool, ``None`` or :class:`RewardOutput` into a :class:`RewardOutput`.
+
+    A NaN or infinite score becomes a failure (``None``, with the reason in ``info``): it could
+    not be compared, and would win or lose a best-of-N choice arbitrarily.
+    """
     if isinstance(value, RewardOutput):
+        if value.score is not None and not math.isfinite(value.score):
+            return value.model_copy(
+                update={"score": None, "info": {**value.info, "error": f"score {value.score}"}}
+            )
         return value
     if value is None:
         return RewardOutput(score=None)
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return RewardOutput(score=None, info={"error": f"score {value}"})
         return RewardOutput(score=float(value))
     raise ConfigurationError(
         f"a reward returned {type(value).__name__}; return a float, None or a RewardOutput"

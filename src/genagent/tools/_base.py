@@ -185,6 +185,9 @@ class Tool:
         requires_image: Whether the tool needs a current image (editing tools).
         max_images_per_call: How many candidates one call can produce (batching). With
             ``candidates=N`` above this, the agent calls the tool several times.
+        max_concurrency: Most calls of one tool instance in flight at once, across every run
+            sharing it (``None``: no limit). Set it to 1 for a model that is not safe to call
+            from several threads (a diffusers pipeline keeps scheduler state).
     """
 
     name: ClassVar[str]
@@ -192,6 +195,7 @@ class Tool:
     Args: ClassVar[type[BaseModel]]
     requires_image: ClassVar[bool] = False
     max_images_per_call: ClassVar[int] = 1
+    max_concurrency: ClassVar[int | None] = None
     _abstract: ClassVar[bool] = True
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
@@ -331,6 +335,15 @@ def _check_tool_class(cls: type[Tool]) -> None:
         )
     if not isinstance(cls.max_images_per_call, int) or cls.max_images_per_call < 1:
         raise ToolDefinitionError(f"{where}: `max_images_per_call` must be a positive int.")
+    if cls.max_concurrency is not None and (
+        not isinstance(cls.max_concurrency, int) or cls.max_concurrency < 1
+    ):
+        raise ToolDefinitionError(f"{where}: `max_concurrency` must be None or a positive int.")
+    if inspect.iscoroutinefunction(cls.setup):
+        raise ToolDefinitionError(
+            f"{where}: `setup` must be a plain (not async) method; it runs once in a worker "
+            "thread before the first call."
+        )
 
 
 def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -458,7 +471,15 @@ def _tool_from_function(
     base: type[Tool] = {"generation": GenerationTool, "edit": EditTool, "other": Tool}[kind]
     default_names = {"generation": DEFAULT_GENERATION_TOOL_NAME, "edit": DEFAULT_EDIT_TOOL_NAME}
     tool_name: str = name or default_names.get(kind) or str(getattr(func, "__name__", "tool"))
-    args_model = create_model(f"{_camel(tool_name)}Args", __base__=_ArgsBase, **fields)
+    try:
+        args_model = create_model(f"{_camel(tool_name)}Args", __base__=_ArgsBase, **fields)
+        args_model.model_json_schema()
+    except Exception as exc:  # pydantic raises several types for unusable fields
+        raise ToolDefinitionError(
+            f"{where}: its arguments cannot become a JSON schema ({exc}). Use JSON-compatible "
+            "type hints (str, int, float, bool, lists, enums) and names that do not start with "
+            "'_' or 'model_'."
+        ) from exc
     is_async = inspect.iscoroutinefunction(func)
 
     def call_function(args: BaseModel, ctx: ToolContext) -> Any:
