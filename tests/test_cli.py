@@ -26,7 +26,7 @@ def test_demo_prints_single_shot_and_per_round_accuracy(tmp_path: Path) -> None:
     result = genagent("demo", "--tasks", "24", "--rounds", "2", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "SIMULATOR" in result.stdout
-    for label in ("single-shot", "agent, round 1", "agent, round 2", "95% CI"):
+    for label in ("single-shot", "best of 2", "agent, round 1", "agent, round 2", "95% CI"):
         assert label in result.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary["per_round"]) == 2

@@ -27,6 +27,7 @@ from genagent.sim import (
     scene_tools,
     write_caption,
 )
+from genagent.sim._vocab import CLASSES, plural
 from genagent.sim.demo import run_demo, wilson_interval
 
 
@@ -266,7 +267,8 @@ def test_judge_uses_geneval_metadata_files() -> None:
 
 
 def test_policy_answers_after_one_round_with_a_perfect_generator() -> None:
-    agent = Agent(tools=scene_tools(error_scale=0), policy=HeuristicPolicy(miss_rate=0))
+    policy = HeuristicPolicy(miss_rate=0, false_alarm_rate=0)
+    agent = Agent(tools=scene_tools(error_scale=0), policy=policy)
     trajectory = agent.run("a photo of three clocks on the left and a cat on the right", seed=0)
     assert trajectory.termination == "answered"
     assert trajectory.num_rounds == 1
@@ -352,3 +354,304 @@ def test_demo_writes_loadable_trajectories_and_a_summary(tmp_path: object) -> No
     loaded = Trajectory.load(folders[0])
     assert loaded == report.trajectories[0]
     assert loaded.rewards["scene_judge"].score in (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def _banana_image() -> Image.Image:
+    return open_png(SceneTool(error_scale=0).generate("a banana", 0))
+
+
+@pytest.mark.parametrize(
+    ("include", "message"),
+    [
+        ([{"class": "banana", "count": "abc"}], "count"),
+        ({"class": "banana", "count": 1}, "list"),
+        ("banana", "list"),
+        ([], "empty"),
+        (["banana"], "entry"),
+        ([{"count": 1}], "class"),
+        ([{"class": "unicorn"}], "class"),
+        ([{"class": "bananas"}], "class"),
+        ([{"class": "banana", "count": 2.9}], "count"),
+        ([{"class": "banana", "count": True}], "count"),
+        ([{"class": "banana", "count": 0}], "count"),
+        ([{"class": "banana", "count": -2}], "count"),
+        ([{"class": "banana", "count": None}], "count"),
+        ([{"class": "banana", "color": "teal"}], "color"),
+        ([{"class": "banana", "color": 3}], "color"),
+        ([{"class": "banana", "size": "enormous"}], "size"),
+        ([{"class": "banana", "region": "middle"}], "region"),
+        ([{"class": "banana"}, {"class": "cup", "position": ["near", 0]}], "position"),
+        ([{"class": "banana"}, {"class": "cup", "position": ["left of", 5]}], "position"),
+        ([{"class": "banana"}, {"class": "cup", "position": ["left of", True]}], "position"),
+        ([{"class": "banana"}, {"class": "cup", "position": ["left of", 1]}], "position"),
+        ([{"class": "banana"}, {"class": "cup", "position": "left of 0"}], "position"),
+        ([{"class": "banana", "colour": "red"}], "colour"),
+    ],
+)
+def test_malformed_include_is_rejected_and_never_scored_from_the_prompt(
+    include: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SceneSpec.from_include(include)  # type: ignore[arg-type]
+    task = Task(prompt="a photo of a banana", metadata={"include": include})
+    out = SceneJudge().score(task.prompt, _banana_image(), RewardContext(task=task))
+    assert out.score is None
+    assert "include" in out.info["error"] and message in out.info["error"]
+
+
+@pytest.mark.parametrize("include", [None, 0, {}, ""])
+def test_include_of_any_value_is_used_even_when_falsy(include: object) -> None:
+    task = Task(prompt="a photo of a banana", metadata={"include": include})
+    out = SceneJudge().score(task.prompt, _banana_image(), RewardContext(task=task))
+    assert out.score is None and "include" in out.info["error"]
+
+
+def test_only_tasks_without_include_parse_the_prompt() -> None:
+    task = Task(prompt="a photo of a banana", metadata={"tag": "single_object"})
+    assert SceneJudge().score(task.prompt, _banana_image(), RewardContext(task=task)).score == 1.0
+    aliases = [
+        {"class": "banana", "count": 1, "size": "larger", "region": "above", "color": "yellow"}
+    ]
+    spec = SceneSpec.from_include(aliases)
+    assert (spec.objects[0].size, spec.objects[0].region) == ("large", "top")
+
+
+@pytest.mark.parametrize(
+    ("instruction", "kind", "color", "source", "size", "count"),
+    [
+        ("make the small cup blue", "recolor", "blue", None, "small", None),
+        ("make the large red apples green", "recolor", "green", "red", "large", None),
+        ("make the cup next to the red apple blue", "recolor", "blue", None, None, None),
+        ("make the cup orange", "recolor", "orange", None, None, None),
+        ("make the small bench much larger", "resize", None, None, "large", None),
+        ("make the benches much smaller", "resize", None, None, "small", None),
+        ("remove 2 apples", "remove", None, None, None, 2),
+        ("remove two red apples", "remove", None, "red", None, 2),
+        ("remove the apples", "remove", None, None, None, None),
+        ("add 3 apples", "add", "red", None, None, 3),
+        ("add 12 more red apples on the left", "add", "red", None, None, 12),
+        ("add three more apples", "add", None, None, None, 3),
+    ],
+)
+def test_edit_parser_reads_targets_selectors_and_counts(
+    instruction: str,
+    kind: str,
+    color: str | None,
+    source: str | None,
+    size: str | None,
+    count: int | None,
+) -> None:
+    op = parse_edit(instruction)
+    assert op.kind == kind
+    if kind == "recolor":  # size words before the object select, they are not a target
+        assert (op.color, op.source_color, op.source_size) == (color, source, size)
+    elif kind == "resize":
+        assert op.size == size
+        assert op.source_size == ("small" if "small bench" in instruction else None)
+    else:
+        assert op.count == count
+        if kind == "add" and "red" in instruction:
+            assert op.color == "red"
+
+
+def _manual_record(objects: list[tuple[str, str, float]]) -> object:
+    from genagent.sim import DrawnObject, SceneRecord
+
+    drawn = [
+        DrawnObject(cls, color, (10 + 40 * i, 40, 10 + 40 * i + side, 40 + side))
+        for i, (cls, color, side) in enumerate(objects)
+    ]
+    return SceneRecord(width=256, height=256, objects=drawn)
+
+
+def test_edits_apply_digit_counts_and_size_selectors() -> None:
+    editor = SceneEditTool(error_scale=0)
+    five = _manual_record([("apple", "red", 20)] * 5)
+    assert len(editor.edit(five, "remove 2 apples", 0).objects) == 3  # type: ignore[arg-type]
+    assert len(editor.edit(five, "add 3 apples", 0).objects) == 8  # type: ignore[arg-type]
+    cups = _manual_record([("cup", "red", 50), ("cup", "red", 14)])
+    edited = editor.edit(cups, "make the small cup blue", 0)  # type: ignore[arg-type]
+    assert [o.color for o in edited.objects] == ["red", "blue"]
+    edited = editor.edit(cups, "make the large red cups green", 0)  # type: ignore[arg-type]
+    assert [o.color for o in edited.objects] == ["green", "red"]
+
+
+@pytest.mark.parametrize("instruction", ["remove 0 apples", "add 500 apples", "add 21 apples"])
+def test_edits_with_impossible_counts_are_model_visible_errors(instruction: str) -> None:
+    with pytest.raises(ToolArgumentError) as info:
+        parse_edit(instruction)
+    assert info.value.hint
+
+
+@pytest.mark.parametrize("n", range(1, 21))
+def test_the_policys_add_and_remove_instructions_parse_with_their_counts(n: int) -> None:
+    from genagent.sim import DrawnObject
+    from genagent.sim.policy import edit_instruction
+
+    want = SceneSpec.from_include([{"class": "apple", "count": 20}])
+    drawn = [DrawnObject("apple", "red", (0, 0, 5, 5))] * (20 - n)
+    failure = next(r for r in check_scene(want, drawn, 256, 256) if not r.passed)
+    op = parse_edit(edit_instruction(want, failure, drawn))
+    assert (op.kind, op.count) == ("add", n)
+    want = SceneSpec.from_include([{"class": "apple", "count": 1}])
+    drawn = [DrawnObject("apple", "red", (0, 0, 5, 5))] * (1 + n)
+    failure = next(r for r in check_scene(want, drawn, 256, 256) if not r.passed)
+    op = parse_edit(edit_instruction(want, failure, drawn))
+    assert (op.kind, op.count) == ("remove", n)
+
+
+def test_a_100k_character_caption_is_handled_in_well_under_a_second() -> None:
+    import time
+
+    tool = SceneTool()
+    for caption in ("red apples, " * 9000, "apple " * 16667, "an apple and the apple " * 4400):
+        caption = caption[:100_000]
+        start = time.perf_counter()
+        with pytest.raises(ToolArgumentError) as info:
+            tool.generate(caption, 0)
+        assert time.perf_counter() - start < 2.0
+        assert info.value.hint
+        start = time.perf_counter()
+        parse_caption(caption)
+        assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    ("caption", "message"),
+    [
+        (", ".join(f"two {plural(c)}" for c in CLASSES[:25]), "25 object groups"),
+        ("a photo of 21 apples", "count"),
+        ("a photo of an apple. " + "Really. " * 600, "characters"),
+    ],
+)
+def test_scene_tool_rejects_oversized_scenes_visibly(caption: str, message: str) -> None:
+    assert len(parse_caption(", ".join(f"two {plural(c)}" for c in CLASSES[:24])).objects) == 24
+    SceneTool().generate(", ".join(f"two {plural(c)}" for c in CLASSES[:24]), 0)  # at the cap
+    with pytest.raises(ToolArgumentError, match=message) as info:
+        SceneTool().generate(caption, 0)
+    assert info.value.hint
+    SceneTool().generate("a photo of 20 apples", 0)  # the largest count is fine
+
+
+def test_error_model_computes_complexity_once_per_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genagent.sim import ErrorModel
+
+    calls = []
+    original = ErrorModel.complexity
+
+    def counting(self: ErrorModel, spec: SceneSpec) -> float:
+        calls.append(1)
+        return original(self, spec)
+
+    monkeypatch.setattr(ErrorModel, "complexity", counting)
+    caption = ", ".join(f"two {c} apples" for c in ["red", "blue", "green", "pink"])
+    SceneTool().generate(caption + " and a large cup on the left", 0)
+    assert len(calls) <= 1
+
+
+def test_invalid_settings_are_configuration_errors() -> None:
+    from genagent.errors import ConfigurationError
+
+    for make in (
+        lambda: SceneTool(size=8),
+        lambda: SceneTool(size=100.5),  # type: ignore[arg-type]
+        lambda: SceneTool(error_scale=-1),
+        lambda: SceneTool(error_scale=float("nan")),
+        lambda: SceneEditTool(error_scale=-1),
+        lambda: HeuristicPolicy(miss_rate=2),
+        lambda: HeuristicPolicy(false_alarm_rate=-0.1),
+        lambda: HeuristicPolicy(false_alarm_rate="x"),  # type: ignore[arg-type]
+        lambda: SceneJudge(mode="lenient"),  # type: ignore[arg-type]
+        lambda: sample_tasks(-1),
+        lambda: sample_tasks(2, categories=["nope"]),
+    ):
+        with pytest.raises(ConfigurationError):
+            make()
+
+
+def test_policy_raises_false_alarms_on_constraints_that_hold() -> None:
+    assert HeuristicPolicy().false_alarm_rate == 0.03
+    assert HeuristicPolicy().describe()["false_alarm_rate"] == 0.03
+    prompt = "a photo of three clocks on the left and a cat on the right"
+    honest = HeuristicPolicy(miss_rate=0, false_alarm_rate=0)
+    alarmed = HeuristicPolicy(miss_rate=0, false_alarm_rate=1)
+    tools = scene_tools(error_scale=0)
+    assert Agent(tools=tools, policy=honest).run(prompt, seed=0).num_rounds == 1
+    trajectory = Agent(tools=tools, policy=alarmed, max_rounds=3).run(prompt, seed=0)
+    assert trajectory.termination == "max_rounds" and trajectory.num_rounds == 3
+    first = trajectory.turns[1].action
+    assert first is not None and first.judgment is not None and "[ok]" not in first.judgment
+
+
+def test_false_alarm_rate_is_about_right_and_deterministic() -> None:
+    agent = Agent(
+        tools=scene_tools(error_scale=0),
+        policy=HeuristicPolicy(miss_rate=0, false_alarm_rate=0.2, seed=3),
+        max_rounds=2,
+    )
+    tasks = sample_tasks(120, seed=6)
+    runs = agent.run_batch(tasks, seeds=list(range(120)))
+    again = agent.run_batch(tasks, seeds=list(range(120)))
+    marks = Counter()
+    for trajectory in runs:
+        judgment = trajectory.turns[1].action.judgment  # type: ignore[union-attr]
+        marks["ok"] += judgment.count("[ok]")
+        marks["wrong"] += judgment.count("[wrong]")
+    rate = marks["wrong"] / (marks["ok"] + marks["wrong"])
+    assert 0.14 < rate < 0.26
+    assert [t.turns[1].reply for t in runs] == [t.turns[1].reply for t in again]
+
+
+def test_policy_sees_only_the_drawn_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    import genagent.sim.policy as policy_module
+
+    class Visible:
+        def __init__(self, record: object) -> None:
+            self.objects = record.objects  # type: ignore[attr-defined]
+            self.width = record.width  # type: ignore[attr-defined]
+            self.height = record.height  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"the policy read record.{name}")
+
+    real = policy_module.read_record
+    monkeypatch.setattr(
+        policy_module, "read_record", lambda image: (r := real(image)) and Visible(r)
+    )
+    agent = Agent(policy=HeuristicPolicy(false_alarm_rate=0.3), max_rounds=4)
+    for trajectory in agent.run_batch(sample_tasks(24, seed=2), seeds=list(range(24))):
+        assert trajectory.error is None
+
+
+def test_demo_reports_a_compute_matched_best_of_n_baseline() -> None:
+    one = run_demo(24, rounds=1, seed=3, progress=False)
+    assert one.best_of_n.correct == one.single_shot.correct
+    three = run_demo(24, rounds=3, seed=3, progress=False)
+    assert three.best_of_n.correct >= three.single_shot.correct
+    assert three.to_dict()["best_of_n"]["correct"] == three.best_of_n.correct
+    assert three.best_of_n.total == 24
+
+
+def test_policy_keeps_the_best_of_several_candidates_with_select() -> None:
+    judge = SceneJudge()
+    agent = Agent(policy=HeuristicPolicy(miss_rate=0, false_alarm_rate=0), candidates=4)
+    selected = 0
+    for task in sample_tasks(24, seed=6):
+        trajectory = agent.run(task, seed=3)
+        outcome = trajectory.turns[0].tool_result
+        assert outcome is not None and len(outcome.images) == 4
+        if outcome.selected_by == "policy":
+            selected += 1
+            assert trajectory.turns[1].reply.startswith(f"<select>{outcome.selected + 1}</select>")
+            scores = [
+                judge.score(
+                    task.prompt, trajectory.images[i].open(), RewardContext(task=task)
+                ).score
+                for i in outcome.images
+            ]
+            # the kept candidate passes whenever any candidate does
+            assert scores[outcome.selected] == max(s or 0.0 for s in scores)
+    assert selected == 24

@@ -113,11 +113,16 @@ def demo(
     table.add_column("")
     table.add_column("accuracy", justify="right")
     table.add_column("95% CI", justify="right")
-    for acc in [report.single_shot, *report.per_round]:
+    for acc in [report.single_shot, report.best_of_n, *report.per_round]:
         table.add_row(
             acc.label, f"{100 * acc.value:.1f}%", f"[{100 * acc.low:.1f}, {100 * acc.high:.1f}]"
         )
     console.print(table)
+    console.print(
+        f"(best of {rounds}: the generator alone on the raw prompt with {rounds} seeds, counted "
+        "correct if any image passes: an oracle picks, an upper bound for best-of-N)",
+        highlight=False,
+    )
     low, high = report.improvement_ci
     console.print(
         f"Agent after round {rounds} vs single-shot: [bold]{100 * report.improvement:+.1f} "
@@ -248,10 +253,14 @@ def _labelled(label: str, style: str, text: str) -> None:
 
 @app.command("list")
 def list_entries() -> None:
-    """List the registered tools and policies."""
+    """List the registered tools, policies and judges (rewards)."""
     from genagent import registry
 
-    for title, reg in (("tools", registry.tools), ("policies", registry.policies)):
+    for title, reg in (
+        ("tools", registry.tools),
+        ("policies", registry.policies),
+        ("judges (rewards)", registry.rewards),
+    ):
         table = Table(title=title)
         table.add_column("name")
         table.add_column("description")

@@ -50,10 +50,24 @@ class ErrorModel:
         n = sum(1 for c in spec.constraints() if c.kind != "presence")
         return max(0.7, min(1.8, 1.0 + self.complexity_slope * (n - 3)))
 
-    def p(self, spec: SceneSpec, base: float, kind: str, group: int) -> float:
-        """Probability of one mistake."""
+    def p(
+        self,
+        spec: SceneSpec,
+        base: float,
+        kind: str,
+        group: int,
+        *,
+        complexity: float | None = None,
+    ) -> float:
+        """Probability of one mistake.
+
+        ``complexity`` is ``self.complexity(spec)``, computed here when not given; callers
+        that draw many mistakes for one scene pass it once (it is O(groups) to compute).
+        """
+        if complexity is None:
+            complexity = self.complexity(spec)
         factor = EXPLICIT_FACTOR[min(spec.level(kind, group), 2)]
-        return min(0.95, self.scale * base * self.complexity(spec) * factor)
+        return min(0.95, self.scale * base * complexity * factor)
 
 
 def imagine(
@@ -61,6 +75,7 @@ def imagine(
 ) -> tuple[list[DrawGroup], list[str]]:
     """Decide what to draw for ``spec``, mistakes included; returns the groups and the mistakes."""
     mistakes: list[str] = []
+    cx = model.complexity(spec)  # once per scene, not once per draw
     objects = [ObjectSpec(**vars(o)) for o in spec.objects]
     colors = [o.color or _natural_color(o.cls, rng) for o in objects]
     sizes = [o.size for o in objects]
@@ -70,42 +85,48 @@ def imagine(
 
     for i, obj in enumerate(objects):
         if len(objects) > 1 and rng.random() < model.p(
-            spec, BASE_ERROR["presence"] * (1 + 0.4 * (len(objects) - 1)), "presence", i
+            spec,
+            BASE_ERROR["presence"] * (1 + 0.4 * (len(objects) - 1)),
+            "presence",
+            i,
+            complexity=cx,
         ):
             present[i] = False
             mistakes.append(f"missing {obj.cls}")
             continue
         p_count = BASE_ERROR["count"] + BASE_ERROR["count_per_extra"] * (obj.count - 1)
-        if rng.random() < model.p(spec, p_count, "count", i):
+        if rng.random() < model.p(spec, p_count, "count", i, complexity=cx):
             delta = 1 if obj.count == 1 or rng.random() < 0.5 else -1
             counts[i] = obj.count + delta
             mistakes.append(f"{obj.cls} count {obj.count}->{counts[i]}")
     if len(colored) >= 2:
         for i in colored:
-            if rng.random() < model.p(spec, BASE_ERROR["color_binding"], "color", i):
+            if rng.random() < model.p(spec, BASE_ERROR["color_binding"], "color", i, complexity=cx):
                 j = rng.choice([k for k in colored if k != i])
                 if colors[j] != colors[i]:
                     colors[i] = objects[j].color or colors[i]
                     mistakes.append(f"{objects[i].cls} took the colour of the {objects[j].cls}")
     elif colored:
         i = colored[0]
-        if rng.random() < model.p(spec, BASE_ERROR["color_single"], "color", i):
+        if rng.random() < model.p(spec, BASE_ERROR["color_single"], "color", i, complexity=cx):
             colors[i] = rng.choice([c for c in COLORS if c != objects[i].color])
             mistakes.append(f"{objects[i].cls} drawn {colors[i]}")
     for i, obj in enumerate(objects):
-        if obj.size and rng.random() < model.p(spec, BASE_ERROR["size"], "size", i):
+        if obj.size and rng.random() < model.p(spec, BASE_ERROR["size"], "size", i, complexity=cx):
             sizes[i] = "small" if obj.size == "large" else "large"
             mistakes.append(f"{obj.cls} drawn {sizes[i]}")
 
     regions = [o.region for o in objects]
     for i, obj in enumerate(objects):
-        if obj.region and rng.random() < model.p(spec, BASE_ERROR["region"], "region", i):
+        if obj.region and rng.random() < model.p(
+            spec, BASE_ERROR["region"], "region", i, complexity=cx
+        ):
             regions[i] = OPPOSITE_REGION[obj.region]
             mistakes.append(f"{obj.cls} on the {regions[i]}")
     flips = set()
     for i, obj in enumerate(objects):
         if obj.relation is not None and rng.random() < model.p(
-            spec, BASE_ERROR["relation"], "relation", i
+            spec, BASE_ERROR["relation"], "relation", i, complexity=cx
         ):
             flips.add(i)
             mistakes.append(f"{obj.cls} {obj.relation[0]} flipped")

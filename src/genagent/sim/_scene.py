@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any, Literal
 
 from genagent.sim._vocab import (
+    CLASSES,
     COLORS,
     NUMBER_WORDS,
     NUMBERS,
@@ -50,6 +52,12 @@ _RELATION_PHRASES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("beneath",), "below"),
 )
 _DETERMINER_WORDS = {"a", "an", "the", "exactly", "one", "single"} | set(NUMBERS) | set(COLORS)
+_INCLUDE_KEYS = frozenset({"class", "count", "color", "size", "region", "position"})
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -122,42 +130,92 @@ class SceneSpec:
         return out
 
     @classmethod
-    def from_include(cls, include: Sequence[Mapping[str, Any]]) -> SceneSpec:
-        """Build a scene from a GenEval / GenEval++ ``include`` list.
+    def from_include(cls, include: object) -> SceneSpec:
+        """Build a scene from a GenEval / GenEval++ ``include`` list, validating it strictly.
+
+        Each entry needs a ``class`` (one of the 80 COCO classes, as GenEval names them) and may
+        give ``count`` (an int >= 1, default 1), ``color`` (one of the 10 colours), ``size``
+        (a size word: ``"larger"``, ``"small"``, ...), ``region`` (``"left"``, ``"above"``, ...)
+        and ``position`` (``[relation, index of another entry]``). Nothing is coerced or
+        dropped: a malformed entry is an error, never a looser spec.
 
         Raises:
-            ValueError: If an entry is malformed.
+            ValueError: Saying precisely what is malformed.
         """
+        if isinstance(include, (str, bytes)) or not isinstance(include, Sequence):
+            raise ValueError(
+                f"'include' must be a list of object entries, got {type(include).__name__}"
+            )
+        if not include:
+            raise ValueError("'include' is empty; it must list at least one object entry")
         objects: list[ObjectSpec] = []
-        for item in include:
-            if not isinstance(item, Mapping) or not isinstance(item.get("class"), str):
-                raise ValueError(f"include entries need a 'class': {item!r}")
+        for n, item in enumerate(include):
+            where = f"include[{n}]"
+            if not isinstance(item, Mapping):
+                raise ValueError(
+                    f"{where} must be an object entry with a 'class', got {_short(item)}"
+                )
+            unknown = sorted(str(k) for k in item if k not in _INCLUDE_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"{where} has unknown keys {unknown}; known: {sorted(_INCLUDE_KEYS)}"
+                )
+            name = item.get("class")
+            if not isinstance(name, str) or name not in CLASSES:
+                raise ValueError(
+                    f"{where}: 'class' must be one of the 80 COCO classes (e.g. 'apple', "
+                    f"'wine glass'), got {_short(name)}"
+                )
+            count = item.get("count", 1)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{where}: 'count' must be an integer >= 1, got {_short(count)}")
+            color = item.get("color")
+            if color is not None and (not isinstance(color, str) or color not in COLORS):
+                raise ValueError(
+                    f"{where}: 'color' must be one of {sorted(COLORS)}, got {_short(color)}"
+                )
             size = item.get("size")
+            if size is not None and (not isinstance(size, str) or size not in SIZE_WORDS):
+                raise ValueError(
+                    f"{where}: 'size' must be one of {sorted(SIZE_WORDS)}, got {_short(size)}"
+                )
             region = item.get("region")
+            if region is not None and (not isinstance(region, str) or region not in REGION_WORDS):
+                raise ValueError(
+                    f"{where}: 'region' must be one of {sorted(REGION_WORDS)}, got {_short(region)}"
+                )
             position = item.get("position")
             relation: tuple[str, int] | None = None
             if position is not None:
                 if (
-                    not isinstance(position, Sequence)
+                    isinstance(position, (str, bytes))
+                    or not isinstance(position, Sequence)
                     or len(position) != 2
+                    or not isinstance(position[0], str)
                     or position[0] not in RELATIONS
+                    or isinstance(position[1], bool)
                     or not isinstance(position[1], int)
                 ):
-                    raise ValueError(f"bad 'position' {position!r}; expected [relation, index]")
-                relation = (str(position[0]), int(position[1]))
+                    raise ValueError(
+                        f"{where}: 'position' must be [relation, index] with relation one of "
+                        f"{list(RELATIONS)}, got {_short(position)}"
+                    )
+                if not 0 <= position[1] < len(include) or position[1] == n:
+                    raise ValueError(
+                        f"{where}: 'position' refers to entry {position[1]}, which must be "
+                        f"another entry (0 to {len(include) - 1})"
+                    )
+                relation = (position[0], position[1])
             objects.append(
                 ObjectSpec(
-                    cls=item["class"],
-                    count=int(item.get("count", 1)),
-                    color=item.get("color"),
-                    size=SIZE_WORDS.get(str(size)) if size else None,
-                    region=REGION_WORDS.get(str(region)) if region else None,
+                    cls=name,
+                    count=count,
+                    color=color,
+                    size=SIZE_WORDS[size] if size is not None else None,
+                    region=REGION_WORDS[region] if region is not None else None,
                     relation=relation,
                 )
             )
-        for obj in objects:
-            if obj.relation is not None and not 0 <= obj.relation[1] < len(objects):
-                raise ValueError(f"'position' refers to group {obj.relation[1]}, which is missing")
         return cls(objects=objects)
 
 
@@ -217,10 +275,14 @@ def parse_caption(text: str) -> SceneSpec:
     plus the restatements detailed captions use ("the cup is blue", "exactly three apples").
     A mention introduced by "the", "all", "both" or "each" refers back to an earlier group of
     the same class instead of adding one.
+
+    Parsing takes time linear in the length of the text (every look-up of an earlier group is
+    a dictionary look-up), so a caption of any length is safe to parse.
     """
     tokens = tokenize(text)
     mentions = _find_mentions(tokens)
     spec = SceneSpec()
+    index = _GroupIndex(spec)
     pending_relations: list[tuple[int, str, int]] = []  # (group, relation, mention index)
     global_emphasis = _has_any(tokens, {"nothing", "only", "no"})
     for k, mention in enumerate(mentions):
@@ -230,15 +292,16 @@ def parse_caption(text: str) -> SceneSpec:
         after = tokens[mention.end : next_start]
         count, color, size, exact, is_reference = _read_determiners(before)
         group = (
-            _reference_target(spec, mention, color)
+            index.reference(mention.cls, color)
             if is_reference
-            else _restatement_target(spec, mention, count, color)
+            else index.restatement(mention.cls, count, color)
         )
         if group is None:
             if count is None:
                 count = 1 if not mention.plural else 2
             spec.objects.append(ObjectSpec(cls=mention.cls, count=count, color=color, size=size))
             group = len(spec.objects) - 1
+            index.add(group)
             _bump(spec, "presence", group, 0)
             if exact:
                 _bump(spec, "count", group, 1)
@@ -255,7 +318,7 @@ def parse_caption(text: str) -> SceneSpec:
                 obj.size = size
         mention.group = group
         obj = spec.objects[group]
-        _read_after(spec, group, after, tokens, mention, k, mentions, pending_relations)
+        _read_after(spec, index, group, after, k, mentions, pending_relations)
         if global_emphasis:
             _bump(spec, "count", group, 1)
     for group, relation, target_mention in pending_relations:
@@ -356,32 +419,68 @@ def _read_determiners(
     return count, color, size, exact, reference
 
 
-def _reference_target(spec: SceneSpec, mention: _Mention, color: str | None) -> int | None:
-    candidates = [i for i, o in enumerate(spec.objects) if o.cls == mention.cls]
-    if color is not None:
-        with_color = [i for i in candidates if spec.objects[i].color == color]
-        candidates = with_color or [i for i in candidates if spec.objects[i].color is None]
-    return candidates[-1] if candidates else None
+class _GroupIndex:
+    """Look-ups of earlier groups in O(1), kept up to date as groups gain colours.
 
+    ``reference(cls, colour)`` is the last group of the class (with that colour, else the last
+    uncoloured one when a colour is given); ``restatement(cls, count, colour)`` is the first
+    group of the class with that count (and colour, when given).
+    """
 
-def _restatement_target(
-    spec: SceneSpec, mention: _Mention, count: int | None, color: str | None
-) -> int | None:
-    """A mention without "the" that repeats a group exactly ("exactly three apples in total")."""
-    if count is None:
-        return None
-    for i, obj in enumerate(spec.objects):
-        if obj.cls == mention.cls and obj.count == count and color in (None, obj.color):
-            return i
-    return None
+    def __init__(self, spec: SceneSpec) -> None:
+        self.spec = spec
+        self.last: dict[str, int] = {}
+        self.last_colored: dict[tuple[str, str], int] = {}
+        self.uncolored: dict[str, list[int]] = {}  # ascending; pruned lazily from the end
+        self.first_count: dict[tuple[str, int], int] = {}
+        self.first_count_color: dict[tuple[str, int, str], int] = {}
+
+    def add(self, group: int) -> None:
+        obj = self.spec.objects[group]
+        self.last[obj.cls] = group
+        self.first_count.setdefault((obj.cls, obj.count), group)
+        if obj.color is None:
+            self.uncolored.setdefault(obj.cls, []).append(group)
+        else:
+            self._colored(group)
+
+    def set_color(self, group: int, color: str) -> None:
+        self.spec.objects[group].color = color
+        self._colored(group)
+
+    def _colored(self, group: int) -> None:
+        obj = self.spec.objects[group]
+        assert obj.color is not None
+        key = (obj.cls, obj.color)
+        self.last_colored[key] = max(self.last_colored.get(key, group), group)
+        ckey = (obj.cls, obj.count, obj.color)
+        self.first_count_color[ckey] = min(self.first_count_color.get(ckey, group), group)
+
+    def reference(self, cls: str, color: str | None) -> int | None:
+        if color is None:
+            return self.last.get(cls)
+        group = self.last_colored.get((cls, color))
+        if group is not None:
+            return group
+        stack = self.uncolored.get(cls, [])
+        while stack and self.spec.objects[stack[-1]].color is not None:
+            stack.pop()
+        return stack[-1] if stack else None
+
+    def restatement(self, cls: str, count: int | None, color: str | None) -> int | None:
+        """A mention without "the" that repeats a group ("exactly three apples in total")."""
+        if count is None:
+            return None
+        if color is None:
+            return self.first_count.get((cls, count))
+        return self.first_count_color.get((cls, count, color))
 
 
 def _read_after(
     spec: SceneSpec,
+    index: _GroupIndex,
     group: int,
     after: list[str],
-    tokens: list[str],
-    mention: _Mention,
     k: int,
     mentions: list[_Mention],
     pending: list[tuple[int, str, int]],
@@ -394,7 +493,7 @@ def _read_after(
                 break
             if tok in COLORS:
                 if obj.color is None:
-                    obj.color = tok
+                    index.set_color(group, tok)
                     _bump(spec, "color", group, 0)
                 elif obj.color == tok:
                     _bump(spec, "color", group, 1)
@@ -461,20 +560,26 @@ def _bump(spec: SceneSpec, kind: str, group: int, level: int) -> None:
 
 
 def _emphasis(spec: SceneSpec, tokens: list[str]) -> None:
-    text = " ".join(tokens)
+    # Everything is precomputed from one pass over the tokens; each group is then O(1).
+    present = set(tokens)
+    pairs = {(a, b) for a, b in pairwise(tokens) if a in {"entirely", "all"}}
+    in_total: set[tuple[str, ...]] = set()  # the words before each "in total"
+    for i in range(len(tokens) - 1):
+        if tokens[i] == "in" and tokens[i + 1] == "total":
+            for n in range(2, _MAX_FORM + 2):
+                if i >= n:
+                    in_total.add(tuple(tokens[i - n : i]))
     for i, obj in enumerate(spec.objects):
-        name = noun(obj.cls, obj.count)
-        if f"{NUMBER_WORDS.get(obj.count, obj.count)} {name} in total" in text:
+        phrase = (str(NUMBER_WORDS.get(obj.count, obj.count)), *noun(obj.cls, obj.count).split())
+        if phrase in in_total:
             _bump(spec, "count", i, 2)
-        if obj.color and (f"entirely {obj.color}" in text or f"all {obj.color}" in text):
+        if obj.color and (("entirely", obj.color) in pairs or ("all", obj.color) in pairs):
             _bump(spec, "color", i, 2)
-        if obj.size and f"much {obj.size}r" in text.replace("larger", "larger"):
+        if obj.size and ("clearly" in present or "much" in present):
             _bump(spec, "size", i, 1)
-        if obj.size and ("clearly" in tokens or "much" in tokens):
-            _bump(spec, "size", i, 1)
-        if "clearly" in tokens and obj.relation is not None:
+        if "clearly" in present and obj.relation is not None:
             _bump(spec, "relation", i, 2 if spec.level("relation", i) >= 1 else 1)
-        if "visible" in tokens:
+        if "visible" in present:
             _bump(spec, "presence", i, 2)
 
 

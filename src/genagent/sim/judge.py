@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from genagent.errors import ConfigurationError
 from genagent.rewards._base import Reward, RewardContext
 from genagent.rewards._output import RewardOutput
 from genagent.sim._render import read_record
@@ -16,13 +17,16 @@ __all__ = ["SceneJudge", "spec_for"]
 
 
 def spec_for(prompt: str, metadata: dict[str, Any] | None) -> SceneSpec:
-    """The scene a task asks for: its GenEval ``include`` metadata, else the parsed prompt."""
-    include = (metadata or {}).get("include")
-    if isinstance(include, list) and include:
-        try:
-            return SceneSpec.from_include(include)
-        except ValueError:
-            pass
+    """The scene a task asks for: its GenEval ``include`` metadata, else the parsed prompt.
+
+    Only a task with no ``include`` key at all is scored from its prompt. When ``include`` is
+    present it must be valid (:meth:`SceneSpec.from_include`), whatever its value.
+
+    Raises:
+        ValueError: If the task has ``include`` metadata and it is malformed.
+    """
+    if metadata is not None and "include" in metadata:
+        return SceneSpec.from_include(metadata["include"])
     return parse_caption(prompt)
 
 
@@ -31,7 +35,9 @@ class SceneJudge(Reward):
 
     The score is strict by default, as GenEval's is: 1.0 when every constraint holds, else 0.0.
     ``components`` has one 0/1 entry per constraint (``"apple#0.count"``); ``info`` says what
-    failed in words. An image without a simulator record scores ``None`` (a recorded failure).
+    failed in words. An image without a simulator record scores ``None`` (a recorded failure),
+    and so does a task whose ``include`` metadata is malformed: the judge never falls back to
+    the prompt when a task has ``include`` metadata.
 
     Args:
         mode: ``"strict"`` (all or nothing) or ``"fraction"`` (share of constraints met).
@@ -41,7 +47,7 @@ class SceneJudge(Reward):
 
     def __init__(self, mode: Literal["strict", "fraction"] = "strict") -> None:
         if mode not in ("strict", "fraction"):
-            raise ValueError(f"mode must be 'strict' or 'fraction', got {mode!r}")
+            raise ConfigurationError(f"mode must be 'strict' or 'fraction', got {mode!r}")
         self.mode = mode
 
     def score(
@@ -55,7 +61,10 @@ class SceneJudge(Reward):
                 info={"error": "not a simulator image: it has no genagent.scene record"},
             )
         metadata = ctx.task.metadata if ctx is not None and ctx.task is not None else None
-        spec = spec_for(prompt, metadata)
+        try:
+            spec = spec_for(prompt, metadata)
+        except ValueError as exc:
+            return RewardOutput(score=None, info={"error": f"invalid 'include' metadata: {exc}"})
         if not spec.objects:
             return RewardOutput(score=None, info={"error": "the prompt names no known object"})
         results = check_scene(spec, record.objects, record.width, record.height)

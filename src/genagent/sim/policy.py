@@ -3,17 +3,23 @@
 ``HeuristicPolicy`` reads the request, writes an explicit caption, looks at each returned image
 (through the simulator's record of what it shows), judges it constraint by constraint, and then
 answers, edits the one thing that is wrong, or regenerates with a caption that stresses what
-failed. It sees only what an image shows, never the generator's list of mistakes.
+failed. It sees only what an image shows (the record's drawn objects), never the generator's
+list of mistakes or the image's source. Its judgment is imperfect both ways: it overlooks real
+failures (``miss_rate``) and raises false alarms on constraints that hold
+(``false_alarm_rate``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Final
 
+from genagent.errors import ConfigurationError
 from genagent.images import ImageRef
 from genagent.messages import Message
 from genagent.policies._base import PolicyOutput, SamplingParams
@@ -21,6 +27,7 @@ from genagent.policies.scripted import apply_stop
 from genagent.sim._render import read_record, seeded_rng
 from genagent.sim._scene import (
     CheckResult,
+    DrawnObject,
     SceneSpec,
     check_scene,
     describe_group,
@@ -50,6 +57,9 @@ class HeuristicPolicy:
             (GenAgent v2 behaviour); otherwise always regenerate.
         miss_rate: Probability of overlooking each failed constraint when judging an image
             (a policy's judgment is not perfect); deterministic per image.
+        false_alarm_rate: Probability of judging each constraint that holds as failed (the
+            policy then edits or regenerates needlessly); deterministic per image. A false alarm
+            on a count or presence overlooks one instance (so the policy may add one too many).
         seed: Seed of that perception noise.
         name: Recorded as the policy's name.
     """
@@ -59,13 +69,15 @@ class HeuristicPolicy:
         *,
         prefer_edits: bool = True,
         miss_rate: float = 0.05,
+        false_alarm_rate: float = 0.03,
         seed: int = 0,
         name: str = "heuristic",
     ) -> None:
-        if not 0.0 <= miss_rate <= 1.0:
-            raise ValueError(f"miss_rate must be in [0, 1], got {miss_rate}")
+        _check_rate("miss_rate", miss_rate)
+        _check_rate("false_alarm_rate", false_alarm_rate)
         self.prefer_edits = prefer_edits
         self.miss_rate = miss_rate
+        self.false_alarm_rate = false_alarm_rate
         self.seed = seed
         self.name = name
 
@@ -96,6 +108,7 @@ class HeuristicPolicy:
             "simulator": True,
             "prefer_edits": self.prefer_edits,
             "miss_rate": self.miss_rate,
+            "false_alarm_rate": self.false_alarm_rate,
         }
 
     # ------------------------------------------------------------------ logic
@@ -116,6 +129,7 @@ class HeuristicPolicy:
                 "states every count, colour, size and position."
             )
             return _call(thought, None, generator, {"caption": write_caption(spec, attempt=0)})
+        shown = messages[-1].images if messages[-1].role == "user" else []
         latest = images[-1]
         record = read_record(latest.open())
         if record is None or not spec.objects:
@@ -124,16 +138,50 @@ class HeuristicPolicy:
                 "<judge>I cannot verify the image; I accept it.</judge>\n"
                 "<answer>Here is the generated image.</answer>"
             )
+        select = ""
+        if len(shown) > 1:
+            # several candidates: judge each, keep the one with the fewest problems
+            verdicts = [self._look(spec, ref) for ref in shown]
+            readable = [(k, v) for k, v in enumerate(verdicts) if v is not None]
+            if readable:
+                k, _ = min(readable, key=lambda kv: sum(not r.passed for r in kv[1][0]))
+                latest = shown[k]
+                select = f"<select>{k + 1}</select>\n"
+        return select + self._respond(spec, latest, generator, editor, previous, messages)
+
+    def _look(
+        self, spec: SceneSpec, image: ImageRef
+    ) -> tuple[list[CheckResult], list[DrawnObject]] | None:
+        """What the policy perceives in ``image`` (``None`` if it is not a simulator image)."""
+        record = read_record(image.open())
+        if record is None:
+            return None
+        # only what is visible: the drawn objects (never record.mistakes or record.source)
         results = check_scene(spec, record.objects, record.width, record.height)
-        failed = self._perceive(results, latest)
-        judgment = _judgment(spec, results, failed)
+        return self._perceive(spec, results, record.objects, image)
+
+    def _respond(
+        self,
+        spec: SceneSpec,
+        latest: ImageRef,
+        generator: str,
+        editor: str | None,
+        previous: list[tuple[str, str]],
+        messages: Sequence[Message],
+    ) -> str:
+        """Judge ``latest`` and answer, edit or regenerate."""
+        looked = self._look(spec, latest)
+        assert looked is not None
+        perceived, seen = looked
+        failed = [r for r in perceived if not r.passed]
+        judgment = _judgment(spec, perceived)
         if not failed:
             return (
                 f"<think>Every requirement is met, so I am done.</think>\n"
                 f"<judge>{judgment}</judge>\n"
                 f"<answer>The image shows {_summary(spec)}.</answer>"
             )
-        instruction = edit_instruction(spec, failed[0], record.objects)
+        instruction = edit_instruction(spec, failed[0], seen)
         last = previous[-1] if previous else None
         # An edit that had no effect (the same edit is needed again) or was rejected is not
         # repeated: regenerate instead.
@@ -158,12 +206,32 @@ class HeuristicPolicy:
         )
         return _call(thought, judgment, generator, {"caption": caption})
 
-    def _perceive(self, results: list[CheckResult], image: ImageRef) -> list[CheckResult]:
-        failed = [r for r in results if not r.passed]
-        if not failed or self.miss_rate <= 0:
-            return failed
-        rng = seeded_rng("perceive", image.sha256, self.seed)
-        return [r for r in failed if rng.random() >= self.miss_rate]
+    def _perceive(
+        self,
+        spec: SceneSpec,
+        results: list[CheckResult],
+        drawn: Sequence[DrawnObject],
+        image: ImageRef,
+    ) -> tuple[list[CheckResult], list[DrawnObject]]:
+        """The results as the policy judges them, and the objects as it believes it sees them.
+
+        Each failed constraint is overlooked with probability ``miss_rate``; each constraint
+        that holds is judged failed with probability ``false_alarm_rate`` (independent draws,
+        deterministic per image and seed).
+        """
+        misses = seeded_rng("perceive", image.sha256, self.seed)
+        alarms = seeded_rng("false-alarm", image.sha256, self.seed)
+        seen = list(drawn)
+        perceived: list[CheckResult] = []
+        for r in results:
+            if not r.passed:
+                if self.miss_rate > 0 and misses.random() < self.miss_rate:
+                    r = replace(r, passed=True)  # overlooked
+            elif self.false_alarm_rate > 0 and alarms.random() < self.false_alarm_rate:
+                observed, seen = _misperceive(spec, r, seen)
+                r = CheckResult(r.constraint, False, observed)
+            perceived.append(r)
+        return perceived, seen
 
 
 # --------------------------------------------------------------------------- writing
@@ -316,21 +384,60 @@ def _summary(spec: SceneSpec) -> str:
     return join_words(parts)
 
 
-def _judgment(spec: SceneSpec, results: list[CheckResult], failed: list[CheckResult]) -> str:
-    failed_set = {id(r) for r in failed}
+def _judgment(spec: SceneSpec, perceived: list[CheckResult]) -> str:
     lines = []
-    for r in results:
-        ok = id(r) not in failed_set
+    for r in perceived:
         lines.append(
-            f"{'[ok]' if ok else '[wrong]'} {r.constraint.describe(spec)}"
-            + ("" if ok else f": {r.observed}")
+            f"{'[ok]' if r.passed else '[wrong]'} {r.constraint.describe(spec)}"
+            + ("" if r.passed else f": {r.observed}")
         )
     verdict = (
         "The image satisfies the request."
-        if not failed
+        if all(r.passed for r in perceived)
         else "The image does not satisfy the request yet."
     )
     return "; ".join(lines) + ". " + verdict
+
+
+def _misperceive(
+    spec: SceneSpec, result: CheckResult, seen: list[DrawnObject]
+) -> tuple[str, list[DrawnObject]]:
+    """A false alarm on ``result`` (which holds): what the policy believes it sees instead.
+
+    On a count or presence it overlooks one instance (and so may add one too many); on other
+    kinds it doubts what is there, and its edit restates what already holds.
+    """
+    group = result.constraint.group
+    obj = spec.objects[group]
+    name = noun(obj.cls, 2)
+    kind = result.constraint.kind
+    if kind in {"count", "presence"}:
+        inst = instances_of(spec, group, seen)
+        if not inst:
+            return f"the {name} are hard to make out", seen
+        last = len(seen) - 1 - seen[::-1].index(inst[-1])
+        seen = seen[:last] + seen[last + 1 :]
+        have = len(inst) - 1
+        return f"{have} {noun(obj.cls, have)}", seen
+    if kind == "color":
+        return f"the {name} do not look {obj.color}", seen
+    if kind == "size":
+        return f"the {name} do not look {obj.size} enough", seen
+    if kind == "region":
+        return f"the {name} look too close to the middle", seen
+    assert obj.relation is not None
+    other = noun(spec.objects[obj.relation[1]].cls, 2)
+    return f"the {name} do not look clearly {obj.relation[0]} the {other}", seen
+
+
+def _check_rate(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0.0 <= value <= 1.0
+    ):
+        raise ConfigurationError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _relation_phrase(relation: str) -> str:

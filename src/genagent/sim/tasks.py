@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from genagent.errors import ConfigurationError
 from genagent.sim._scene import ObjectSpec, SceneSpec, prompt_for
 from genagent.sim._vocab import CLASSES, COLORS, MAX_COUNT, RELATIONS
 from genagent.tasks import Task
@@ -103,14 +104,14 @@ def sample_tasks(n: int, seed: int = 0, *, categories: Sequence[str] | None = No
         categories: Restrict to these categories (default: all of :data:`CATEGORIES`).
 
     Raises:
-        ValueError: For an unknown category or a negative ``n``.
+        ConfigurationError: For an unknown category or a negative ``n`` (a ``ValueError``).
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigurationError(f"n must be an integer >= 0, got {n!r}")
     names = list(categories) if categories is not None else list(CATEGORIES)
     unknown = [c for c in names if c not in CATEGORIES]
     if unknown or not names:
-        raise ValueError(f"unknown categories {unknown}; known: {sorted(CATEGORIES)}")
+        raise ConfigurationError(f"unknown categories {unknown}; known: {sorted(CATEGORIES)}")
     rng = random.Random(seed)
     tasks: list[Task] = []
     for i in range(n):

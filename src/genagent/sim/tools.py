@@ -6,14 +6,15 @@ so the whole agent loop runs offline, deterministically, and measurably.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Final
 
-from genagent.errors import ToolArgumentError
+from genagent.errors import ConfigurationError, ToolArgumentError
 from genagent.images import encode_png
 from genagent.sim._generator import ErrorModel, draw_caption
 from genagent.sim._render import SceneRecord, read_record, render, seeded_rng
 from genagent.sim._scene import DrawnObject, parse_caption, tokenize
-from genagent.sim._vocab import COLORS, NUMBERS, REGION_WORDS, SIZE_WORDS, surface_forms
+from genagent.sim._vocab import COLORS, NUMBERS, REGION_WORDS, SIZE_WORDS, noun, surface_forms
 from genagent.tools._base import EditTool, GenerationTool, Tool, ToolContext, ToolResult
 
 __all__ = ["EDIT_SUCCESS", "SceneEditTool", "SceneTool", "scene_tools"]
@@ -40,6 +41,10 @@ class SceneTool(GenerationTool):
     explicit captions; every image is deterministic per (caption, seed) and carries a record of
     what was drawn in its PNG metadata (``genagent.scene``).
 
+    Oversized scenes are rejected up front with a ``ToolArgumentError`` the policy sees: a
+    caption over :attr:`max_caption_chars` characters, more than :attr:`max_groups` object
+    groups, or a count above :attr:`max_count`.
+
     Args:
         size: Image side in pixels.
         error_scale: Multiplies every mistake probability (0 gives a perfect generator).
@@ -50,12 +55,19 @@ class SceneTool(GenerationTool):
         "colour, size and position. Returns the generated image."
     )
     max_images_per_call: ClassVar[int] = 64
+    max_caption_chars: ClassVar[int] = 4000
+    """Longest caption drawn (characters)."""
+    max_groups: ClassVar[int] = 24
+    """Most object groups in one scene."""
+    max_count: ClassVar[int] = 20
+    """Largest count of one group."""
 
     def __init__(self, *, size: int = 256, error_scale: float = 1.0) -> None:
-        if not 32 <= size <= 2048:
-            raise ValueError(f"size must be between 32 and 2048 pixels, got {size}")
-        if error_scale < 0:
-            raise ValueError(f"error_scale must be >= 0, got {error_scale}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 2048:
+            raise ConfigurationError(
+                f"size must be an integer between 32 and 2048 pixels, got {size!r}"
+            )
+        _check_scale(error_scale)
         self.size = size
         self.error_model = ErrorModel(scale=error_scale)
 
@@ -69,8 +81,32 @@ class SceneTool(GenerationTool):
         )
 
     def generate(self, caption: str, seed: int) -> bytes:
-        """Draw ``caption`` with ``seed``; return PNG bytes (deterministic)."""
+        """Draw ``caption`` with ``seed``; return PNG bytes (deterministic).
+
+        Raises:
+            ToolArgumentError: If the scene is too large to draw (see the class attributes).
+        """
+        if len(caption) > self.max_caption_chars:
+            raise ToolArgumentError(
+                f"the caption has {len(caption)} characters; the simulator draws captions of at "
+                f"most {self.max_caption_chars}",
+                hint="Write a shorter caption: each object once, with its count, colour, size "
+                "and position.",
+            )
         spec = parse_caption(caption)
+        if len(spec.objects) > self.max_groups:
+            raise ToolArgumentError(
+                f"the caption describes {len(spec.objects)} object groups; the simulator draws "
+                f"at most {self.max_groups}",
+                hint=f"Describe at most {self.max_groups} kinds of objects, each stated once.",
+            )
+        big = next((o for o in spec.objects if o.count > self.max_count), None)
+        if big is not None:
+            raise ToolArgumentError(
+                f"the caption asks for a count of {big.count} {noun(big.cls, big.count)}; the "
+                f"simulator draws at most {self.max_count} objects of one kind",
+                hint=f"Ask for at most {self.max_count} of each object.",
+            )
         record = draw_caption(
             spec,
             caption,
@@ -96,9 +132,11 @@ class SceneEditTool(EditTool):
     """SIMULATOR editing tool: applies one instruction to the latest simulator image.
 
     Understood instructions (one change each): recolour ("make the cup blue", "change the red
-    apples to green"), add ("add one more apple", "add two red cups on the left"), remove
-    ("remove one apple", "remove the cup"), move ("move the cup to the right side", "move the
-    dog to the left of the cat"), resize ("make the bench larger"). An edit takes effect with
+    apples to green", "make the small cup blue"), add ("add one more apple", "add 12 red cups
+    on the left"), remove ("remove 2 apples", "remove the cup"), move ("move the cup to the
+    right side", "move the dog to the left of the cat"), resize ("make the bench larger").
+    Colour and size words before the object select which instances to edit; counts (words or
+    digits, 1 to 20) say how many (see :func:`parse_edit`). An edit takes effect with
     the probabilities in :data:`EDIT_SUCCESS`, deterministically per (instruction, image, seed);
     otherwise the image comes back unchanged. Anything else is rejected with a
     ``ToolArgumentError`` that the policy sees.
@@ -113,8 +151,7 @@ class SceneEditTool(EditTool):
     )
 
     def __init__(self, *, error_scale: float = 1.0) -> None:
-        if error_scale < 0:
-            raise ValueError(f"error_scale must be >= 0, got {error_scale}")
+        _check_scale(error_scale)
         self.error_scale = error_scale
 
     def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
@@ -163,6 +200,16 @@ class SceneEditTool(EditTool):
         return {**super().describe(), "simulator": True, "error_scale": self.error_scale}
 
 
+def _check_scale(error_scale: float) -> None:
+    if (
+        isinstance(error_scale, bool)
+        or not isinstance(error_scale, (int, float))
+        or not math.isfinite(error_scale)
+        or error_scale < 0
+    ):
+        raise ConfigurationError(f"error_scale must be a finite number >= 0, got {error_scale!r}")
+
+
 def scene_tools(*, size: int = 256, error_scale: float = 1.0) -> list[Tool]:
     """The simulator's generation and editing tools (GenAgent v2 tool set)."""
     return [SceneTool(size=size, error_scale=error_scale), SceneEditTool(error_scale=error_scale)]
@@ -172,7 +219,20 @@ def scene_tools(*, size: int = 256, error_scale: float = 1.0) -> list[Tool]:
 
 
 class EditOp:
-    """A parsed edit instruction."""
+    """A parsed edit instruction.
+
+    Attributes:
+        kind: ``"recolor"``, ``"add"``, ``"remove"``, ``"move"`` or ``"resize"``.
+        cls: The class edited.
+        source_color: Only objects of this colour are edited (a selector).
+        source_size: Only the ``"large"`` / ``"small"`` ones among them (a selector).
+        color: Target colour (recolour) or colour of the new objects (add).
+        count: How many to add; for other kinds, how many of the selected objects to edit
+            (``None``: all of them).
+        region: Target half (move) or where to add.
+        relation: ``(relation, other class)`` to move next to.
+        size: Target size (resize).
+    """
 
     def __init__(
         self,
@@ -180,6 +240,7 @@ class EditOp:
         cls: str,
         *,
         source_color: str | None = None,
+        source_size: str | None = None,
         color: str | None = None,
         count: int | None = None,
         region: str | None = None,
@@ -189,11 +250,16 @@ class EditOp:
         self.kind = kind
         self.cls = cls
         self.source_color = source_color
+        self.source_size = source_size
         self.color = color
         self.count = count
         self.region = region
         self.relation = relation
         self.size = size
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v is not None)
+        return f"EditOp({fields})"
 
 
 _VERBS: Final = {
@@ -208,17 +274,35 @@ _RELATION_WORDS: Final = {
     ("below",): "below", ("under",): "below", ("over",): "above",
 }  # fmt: skip
 SUPPORTED_EDITS: Final = (
-    "'make the cup blue', 'add one more apple', 'remove one apple', 'move the cup to the right "
-    "side', 'move the dog to the left of the cat', 'make the bench larger'"
+    "'make the cup blue', 'make the small cup blue', 'add one more apple', 'add 12 red apples', "
+    "'remove 2 apples', 'move the cup to the right side', 'move the dog to the left of the "
+    "cat', 'make the bench larger'"
 )
+MAX_EDIT_COUNT: Final = 20
+"""Most objects one edit adds or removes (the same cap as ``SceneTool.max_count``)."""
+MAX_INSTRUCTION_CHARS: Final = 4000
+"""Longest edit instruction understood."""
 
 
 def parse_edit(instruction: str) -> EditOp:
     """Parse one edit instruction (see :class:`SceneEditTool`).
 
+    The first object mentioned is the one edited. Colour and size words *before* it select
+    which of its instances to edit ("the small cup", "the red apples"); a colour word *after*
+    it is a recolour target ("make the small cup blue"), else a size word after it is a resize
+    target ("make the bench much larger"). Words describing a later object ("next to the red
+    apple") are not read as targets. Counts (number words or digits, "remove 2 apples",
+    "add 12 more apples") say how many to add, remove or edit.
+
     Raises:
         ToolArgumentError: If it is not understood.
     """
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise ToolArgumentError(
+            f"the edit instruction has {len(instruction)} characters; the simulator's editor "
+            f"reads at most {MAX_INSTRUCTION_CHARS}",
+            hint=f"Give one short change, e.g. {SUPPORTED_EDITS}.",
+        )
     tokens = tokenize(instruction)
     verb = next((_VERBS[t] for t in tokens if t in _VERBS), None)
     mentions = _mentions(tokens)
@@ -228,36 +312,57 @@ def parse_edit(instruction: str) -> EditOp:
             hint=f"Give one change naming an object, e.g. {SUPPORTED_EDITS}.",
         )
     start, end, cls = mentions[0]
-    before = tokens[max(0, start - 4) : start]
+    before = tokens[max(0, start - 5) : start]
     after = tokens[end:]
-    count = next((NUMBERS[t] for t in before if t in NUMBERS and t not in {"a", "an"}), None)
-    if count is None and any(t in {"a", "an"} for t in before):
-        count = 1
+    count = _count(before, instruction)
     colors_before = [t for t in before if t in COLORS]
-    colors_after = [t for t in after if t in COLORS]
-    size_word = next((SIZE_WORDS[t] for t in tokens if t in SIZE_WORDS), None)
-    if verb in {"make", "recolor"} and size_word is not None and not colors_after:
-        verb = "resize"
-    if verb == "resize" or (verb == "make" and size_word):
-        size = size_word or ("large" if "enlarge" in tokens else "small")
-        return EditOp("resize", cls, source_color=_first(colors_before), size=size)
+    source_size = _first([SIZE_WORDS[t] for t in before if t in SIZE_WORDS])
+    own = _own_words(tokens, end, mentions)
+    colors_after = [t for t in own if t in COLORS]
+    size_after = _first([SIZE_WORDS[t] for t in own if t in SIZE_WORDS])
     if verb in {"make", "recolor"}:
-        target = _first(colors_after) or (
-            colors_before[-1] if len(colors_before) == 1 and verb == "recolor" else None
+        if colors_after:
+            verb = "recolor"
+        elif size_after is not None:
+            verb = "resize"
+        elif verb == "make":
+            raise ToolArgumentError(
+                f"the instruction {instruction[:120]!r} names no target colour or size",
+                hint="Say e.g. 'make the cup blue' or 'make the cup much larger'.",
+            )
+    if verb == "resize":
+        size = size_after or ("large" if "enlarge" in tokens else "small")
+        return EditOp(
+            "resize",
+            cls,
+            source_color=_first(colors_before),
+            source_size=source_size,
+            count=count,
+            size=size,
         )
+    if verb == "recolor":
+        target = _first(colors_after) or (colors_before[-1] if len(colors_before) == 1 else None)
         if target is None:
             raise ToolArgumentError(
                 f"the recolour instruction {instruction[:120]!r} names no target colour",
                 hint="Say e.g. 'make the cup blue'.",
             )
         source = colors_before[0] if colors_before and colors_before[0] != target else None
-        return EditOp("recolor", cls, source_color=source, color=target)
+        return EditOp(
+            "recolor", cls, source_color=source, source_size=source_size, color=target, count=count
+        )
     if verb == "add":
         region = _region(after)
         return EditOp("add", cls, color=_first(colors_before), count=count or 1, region=region)
     if verb == "remove":
         # "remove one apple" removes one; "remove the cups" / "remove all cups" removes them all
-        return EditOp("remove", cls, source_color=_first(colors_before), count=count)
+        return EditOp(
+            "remove",
+            cls,
+            source_color=_first(colors_before),
+            source_size=source_size,
+            count=count,
+        )
     # move
     relation = _relation(after, mentions)
     region = _region(after) if relation is None else None
@@ -267,11 +372,57 @@ def parse_edit(instruction: str) -> EditOp:
             hint="Say e.g. 'move the cup to the right side' or 'move the dog to the left of the "
             "cat'.",
         )
-    return EditOp("move", cls, source_color=_first(colors_before), region=region, relation=relation)
+    return EditOp(
+        "move",
+        cls,
+        source_color=_first(colors_before),
+        source_size=source_size,
+        count=count,
+        region=region,
+        relation=relation,
+    )
 
 
 def _first(items: list[str]) -> str | None:
     return items[0] if items else None
+
+
+def _count(before: list[str], instruction: str) -> int | None:
+    """The count in the words before the object: a number word or digits ("a" / "an": 1)."""
+    count: int | None = None
+    for tok in before:
+        if tok.isdigit():
+            count = int(tok) if len(tok) <= 6 else MAX_EDIT_COUNT + 1
+            break
+        if tok in NUMBERS and tok not in {"a", "an"}:
+            count = NUMBERS[tok]
+            break
+    if count is None and any(t in {"a", "an"} for t in before):
+        count = 1
+    if count is not None and not 1 <= count <= MAX_EDIT_COUNT:
+        raise ToolArgumentError(
+            f"the edit instruction {instruction[:120]!r} asks for a count of {count}; one edit "
+            f"adds or removes 1 to {MAX_EDIT_COUNT} objects",
+            hint=f"Give a count from 1 to {MAX_EDIT_COUNT}, e.g. 'remove 2 apples'.",
+        )
+    return count
+
+
+def _own_words(tokens: list[str], end: int, mentions: list[tuple[int, int, str]]) -> list[str]:
+    """The tokens after the edited object, less colour / size words that describe a later one.
+
+    In "make the cup next to the red apple blue", "red" describes the apple; "blue" is the
+    target. Linear: one backward pass marks the adjectives of later mentions.
+    """
+    starts = {s for s, _, _ in mentions[1:]}
+    n = len(tokens)
+    attached = [False] * (n + 1)
+    for j in range(n - 1, end - 1, -1):
+        nxt = j + 1
+        attached[j] = nxt in starts or (
+            nxt < n and (tokens[nxt] in COLORS or tokens[nxt] in SIZE_WORDS) and attached[nxt]
+        )
+    return [tokens[j] for j in range(end, n) if not attached[j]]
 
 
 def _mentions(tokens: list[str]) -> list[tuple[int, int, str]]:
@@ -319,23 +470,36 @@ def _relation(tokens: list[str], mentions: list[tuple[int, int, str]]) -> tuple[
     return None
 
 
-def _select(objects: list[DrawnObject], cls: str, color: str | None) -> list[int]:
-    return [
-        i for i, o in enumerate(objects) if o.cls == cls and (color is None or o.color == color)
+def _select(objects: list[DrawnObject], op: EditOp) -> list[int]:
+    """The objects an edit applies to: by class, colour, size and (except to add) count."""
+    chosen = [
+        i
+        for i, o in enumerate(objects)
+        if o.cls == op.cls and (op.source_color is None or o.color == op.source_color)
     ]
+    if op.source_size is not None and len(chosen) > 1:
+        areas = [objects[i].area for i in chosen]
+        lo, hi = min(areas), max(areas)
+        if hi > 1.4 * lo:  # tell the large ones from the small ones
+            cut = math.sqrt(lo * hi) if lo > 0 else hi / 2
+            large = op.source_size == "large"
+            chosen = [i for i, a in zip(chosen, areas, strict=True) if (a >= cut) == large]
+    if op.kind != "add" and op.count is not None:
+        chosen = chosen[-op.count :]
+    return chosen
 
 
 def _apply(
     op: EditOp, objects: list[DrawnObject], width: int, height: int, rng: Any
 ) -> list[DrawnObject]:
-    chosen = _select(objects, op.cls, op.source_color)
+    chosen = _select(objects, op)
     if op.kind == "recolor":
         return [
             DrawnObject(o.cls, op.color or o.color, o.bbox) if i in chosen else o
             for i, o in enumerate(objects)
         ]
     if op.kind == "remove":
-        drop = set(chosen if op.count is None else chosen[-op.count :])
+        drop = set(chosen)
         return [o for i, o in enumerate(objects) if i not in drop]
     if op.kind == "resize":
         factor = 1.8 if op.size == "large" else 0.55
