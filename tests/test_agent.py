@@ -629,7 +629,7 @@ def test_tool_returning_a_non_image_raises_tool_unavailable() -> None:
         def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
             return ToolResult(images=[{"url": "http://example.invalid/x.png"}])  # type: ignore[list-item]
 
-    with pytest.raises(ToolUnavailable, match="PIL images or encoded bytes"):
+    with pytest.raises(ToolUnavailable, match="PIL images, encoded bytes or ImageRefs"):
         Agent(Wrong(), policy=ScriptedPolicy([generate("red")])).run("x", seed=0)
 
 
@@ -1231,3 +1231,178 @@ async def test_cancelling_the_task_still_calls_on_run_end() -> None:
         await task
     assert recorder.ended == [Termination.CANCELLED]
     assert recorder.trajectory is not None and recorder.trajectory.turns[0].interrupted
+
+
+# --------------------------------------------------------------------------- second review
+
+
+def test_max_concurrency_holds_when_a_sync_call_is_abandoned_by_the_budget() -> None:
+    import threading
+    import time as time_module
+
+    class Slow(GenerationTool):
+        max_concurrency = 1
+
+        def __init__(self) -> None:
+            self.active = 0
+            self.peak = 0
+            self.lock = threading.Lock()
+
+        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+            with self.lock:
+                self.active += 1
+                self.peak = max(self.peak, self.active)
+            time_module.sleep(0.3)
+            with self.lock:
+                self.active -= 1
+            return ToolResult(images=[solid("red")])
+
+    slow = Slow()
+    policy = FunctionPolicy(generate_then_answer)
+    cut = Agent(slow, policy=policy, time_budget_s=0.05)
+    patient = Agent(slow, policy=policy)
+
+    async def both() -> list[Trajectory]:
+        first = asyncio.ensure_future(cut.arun("red"))
+        await asyncio.sleep(0.1)  # the first run has given up; its call still runs
+        return [await first, await patient.arun("red")]
+
+    runs = asyncio.run(both())
+    assert runs[0].termination is Termination.BUDGET
+    assert runs[1].termination is Termination.ANSWERED
+    assert slow.peak == 1
+
+
+def test_on_run_end_raising_budget_exceeded_is_called_once() -> None:
+    from genagent import BudgetExceeded
+
+    ends: list[Any] = []
+
+    class StopAtEnd(Hooks):
+        async def on_run_end(self, ctx: RunContext, trajectory: Trajectory) -> None:
+            ends.append(trajectory.termination)
+            raise BudgetExceeded("late")
+
+    with pytest.raises(BudgetExceeded) as info:
+        Agent(Paint(), policy=FunctionPolicy(generate_then_answer), hooks=StopAtEnd()).run("red")
+    assert ends == [Termination.ANSWERED]
+    assert info.value.trajectory is not None
+    assert info.value.trajectory.termination is Termination.ERROR
+
+
+def test_a_failing_before_policy_hook_leaves_no_empty_reply() -> None:
+    class Fails(Hooks):
+        async def before_policy(self, ctx: RunContext, messages: list[Message]) -> None:
+            if ctx.turn == 1:
+                raise RuntimeError("hook bug")
+
+    with pytest.raises(HookError) as info:
+        Agent(Paint(), policy=FunctionPolicy(generate_then_answer), hooks=Fails()).run("red")
+    trajectory = info.value.trajectory
+    assert trajectory is not None and trajectory.turns[-1].interrupted
+    assert all(m.text for m in trajectory.to_messages() if m.role == "assistant")
+
+
+def test_on_turn_end_sees_a_turn_cut_by_the_budget() -> None:
+    seen: list[int] = []
+
+    class Seen(Hooks):
+        async def on_turn_end(self, ctx: RunContext, turn: Any) -> None:
+            seen.append(turn.index)
+
+    async def slow(messages: Sequence[Message], *_: Any) -> str:
+        await asyncio.sleep(5)
+        return generate("red")
+
+    Agent(Paint(), policy=FunctionPolicy(slow), hooks=Seen(), time_budget_s=0.1).run("x")
+    assert seen == [0]
+
+
+def test_a_judge_choice_shown_to_the_policy_is_named_in_the_observation() -> None:
+    policy = ScriptedPolicy([generate("x"), answer()])
+    agent = Agent(Shades(), policy=policy, candidates=3, judge=brightness, show_candidates="all")
+    trajectory = agent.run("x")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None and outcome.selected == 2 and outcome.selected_by == "judge"
+    assert "Candidate 3 is kept" in trajectory.turns[1].messages[0].text
+
+
+class Limited(Shades):
+    max_concurrency = 2  # after a run, a lock and a semaphore live on the instance
+
+
+def test_tools_pickle_after_a_run() -> None:
+    import pickle
+
+    tool_ = Limited()
+    Agent(tool_, policy=FunctionPolicy(generate_then_answer)).run("red")
+    clone = pickle.loads(pickle.dumps(tool_))
+    assert isinstance(clone, Limited)
+    trajectory = Agent(clone, policy=FunctionPolicy(generate_then_answer)).run("blue")
+    assert trajectory.termination is Termination.ANSWERED
+
+
+def test_tool_metadata_is_recorded_as_json_and_round_trips(tmp_path: Any) -> None:
+    class Odd:
+        def __repr__(self) -> str:
+            return "<odd dtype>"
+
+    class Meta(GenerationTool):
+        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+            return ToolResult(images=[solid("red")], metadata={"size": (512, 512), "dtype": Odd()})
+
+    trajectory = Agent(Meta(), policy=FunctionPolicy(generate_then_answer)).run("red")
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None
+    assert outcome.metadata == {"size": [512, 512], "dtype": "<odd dtype>"}
+    assert Trajectory.load(trajectory.save(tmp_path / "t")) == trajectory
+
+
+def test_run_batch_refuses_a_single_prompt() -> None:
+    with pytest.raises(ConfigurationError, match="list of prompts"):
+        Agent().run_batch("a cat")  # type: ignore[arg-type]
+
+
+def test_run_batch_records_metadata_on_every_run() -> None:
+    runs = Agent(Paint(), policy=FunctionPolicy(generate_then_answer)).run_batch(
+        ["red", "blue"], metadata={"experiment": "e1"}
+    )
+    assert [r.metadata["experiment"] for r in runs] == ["e1", "e1"]
+
+
+def test_an_edit_may_return_the_current_image_unchanged() -> None:
+    class NoOp(EditTool):
+        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+            assert ctx.current_image is not None
+            return ToolResult(images=[ctx.current_image])
+
+    policy = ScriptedPolicy([generate("red"), edit("nothing"), answer()])
+    trajectory = Agent(tools=[Paint(), NoOp()], policy=policy).run("red")
+    assert trajectory.termination is Termination.ANSWERED
+    assert trajectory.images[0] == trajectory.images[1]  # same content, stored once
+
+
+def test_token_ids_and_logprobs_are_recorded_and_round_trip(tmp_path: Any) -> None:
+    from genagent import PolicyOutput, Usage
+
+    def with_ids(messages: Sequence[Message], *_: Any) -> PolicyOutput:
+        turn = sum(1 for m in messages if m.role == "assistant")
+        text = generate("red") if turn == 0 else answer()
+        return PolicyOutput(
+            text=text.replace("</tool_call>", ""),
+            stop="</tool_call>" if turn == 0 else None,
+            finish_reason="stop",
+            prompt_ids=list(range(10 + turn)),
+            output_ids=[100 + turn, 200 + turn],
+            logprobs=[-0.5, -0.25],
+            usage=Usage(prompt_tokens=10 + turn, completion_tokens=2),
+        )
+
+    trajectory = Agent(Paint(), policy=FunctionPolicy(with_ids)).run("red")
+    first, second = trajectory.turns
+    assert first.prompt_ids == list(range(10)) and first.output_ids == [100, 200]
+    assert first.logprobs == [-0.5, -0.25] and first.finish_reason == "stop"
+    assert first.reply_suffix == "</tool_call>"
+    assert second.prompt_ids == list(range(11))
+    assert trajectory.usage.prompt_tokens == 21 and trajectory.usage.completion_tokens == 4
+    assert Trajectory.load(trajectory.save(tmp_path / "t")) == trajectory

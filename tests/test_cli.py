@@ -135,3 +135,10 @@ def test_empty_prompt_and_an_out_that_is_a_file_are_rejected_up_front(tmp_path: 
     (tmp_path / "taken").write_text("x")
     demo = genagent("demo", "--tasks", "200", "--out", "taken", cwd=tmp_path)
     assert demo.returncode == 2 and "not a folder" in demo.stderr
+
+
+def test_run_labels_the_simulator(tmp_path: Path) -> None:
+    text = genagent("run", "a cat", "--seed", "1", "--out", "t", cwd=tmp_path)
+    assert text.returncode == 0 and "SIMULATOR" in text.stdout
+    data = genagent("run", "a cat", "--seed", "1", "--out", "u", "--json", cwd=tmp_path)
+    assert json.loads(data.stdout)["simulator"] is True

@@ -809,3 +809,19 @@ def test_a_call_quoted_inside_a_closed_thought_is_not_executed(
 def test_user_template_must_keep_the_prompt() -> None:
     with pytest.raises(ConfigurationError, match="prompt"):
         GenAgentProtocol(user_template="Draw something.")
+
+
+def test_a_closing_tag_kept_by_the_backend_is_not_doubled(protocol: GenAgentProtocol) -> None:
+    text = '<tool_call>{"name": "image_generation_tool", "arguments": {"caption": "x"}}</tool_call>'
+    assert protocol.reply_suffix(PolicyOutput(text=text, stop="</tool_call>")) == ""
+    assert protocol.reply_suffix(PolicyOutput(text="<answer>x</answer>", stop="</answer>")) == ""
+    assert protocol.reply_suffix(PolicyOutput(text="<answer>x", stop="</answer>")) == "</answer>"
+
+
+@pytest.mark.parametrize("number", ["²", "١", "٣"])
+def test_non_ascii_digits_in_select_are_protocol_errors(
+    protocol: GenAgentProtocol, tools: dict[str, Tool], number: str
+) -> None:
+    state = ProtocolState(tools=tools, num_images=2, candidates=2)
+    with pytest.raises(ProtocolError, match="candidate number"):
+        protocol._parse(f"<select>{number}</select><answer>x</answer>", state)

@@ -24,7 +24,12 @@ from genagent.trajectory import Action
 
 PROTOCOL = GenAgentProtocol()
 TOOLS = {t.name: t for t in scene_tools()}
-STATES = [ProtocolState(tools=TOOLS, num_images=0), ProtocolState(tools=TOOLS, num_images=1)]
+STATES = [
+    ProtocolState(tools=TOOLS, num_images=0),
+    ProtocolState(tools=TOOLS, num_images=1),
+    # several candidates shown: <select>k</select> is meaningful
+    ProtocolState(tools=TOOLS, num_images=4, candidates=4),
+]
 TOOL_NAMES = [*TOOLS, "web_search", "", "IMAGE_GENERATION_TOOL"]
 
 states = st.sampled_from(STATES)
@@ -46,12 +51,19 @@ def parse_or_protocol_error(reply: str, state: ProtocolState) -> Action | None:
     else:
         assert action.answer is not None
         assert state.num_images > 0
+    if action.selected is not None:
+        assert 1 <= action.selected <= max(1, state.candidates)
     return action
 
 
 # --------------------------------------------------------------------------- strategies
 
 FRAGMENTS = [
+    "<select>",
+    "</select>",
+    "2",
+    "²",
+    "-1",
     "<think>",
     "</think>",
     "<judge>",
@@ -211,6 +223,19 @@ def test_near_valid_calls_parse_or_raise_protocol_error(reply: str, state: Proto
     parse_or_protocol_error(reply, state)
 
 
+@settings(max_examples=300)
+@given(
+    selection=st.one_of(st.text(max_size=6), st.integers(-5, 10).map(str)),
+    rest=st.sampled_from(["<answer>ok</answer>", '<tool_call>{"name": "x"}', "", "<judge>j"]),
+    state=states,
+)
+@example(selection="²", rest="<answer>ok</answer>", state=STATES[2])
+def test_any_selection_parses_or_raises_protocol_error(
+    selection: str, rest: str, state: ProtocolState
+) -> None:
+    parse_or_protocol_error(f"<select>{selection}</select>{rest}", state)
+
+
 @settings(max_examples=150)
 @given(
     caption=st.text(min_size=1).filter(lambda s: s.strip() != ""),
@@ -231,7 +256,7 @@ def test_any_non_blank_caption_is_accepted_up_to_surrounding_whitespace(
     assert action.tool_call.arguments["caption"].strip() == caption.strip()
 
 
-@pytest.mark.parametrize("state", STATES, ids=["no_image", "one_image"])
+@pytest.mark.parametrize("state", STATES, ids=["no_image", "one_image", "four_candidates"])
 def test_public_parse_raises_only_protocol_error_on_hostile_input(state: ProtocolState) -> None:
     for reply in ["[" * 100_000, "<tool_call>" + "{" * 100_000, "<think>" * 10_000]:
         with pytest.raises(ProtocolError):

@@ -45,6 +45,29 @@ PUBLIC = {
         "parse_caption", "parse_edit", "read_record", "sample_tasks", "scene_tools",
         "write_caption",
     ],
+    "genagent.registry": ["Registry", "RegistryEntry", "policies", "rewards", "tools"],
+    "genagent.protocol": [
+        "DEFAULT_SYSTEM_TEMPLATE", "GenAgentProtocol", "ProtocolState", "ReplyProtocol",
+    ],
+    "genagent.trajectory": [
+        "Action", "ErrorInfo", "RoundRecord", "TRAJECTORY_FILE", "Termination", "ToolCall",
+        "ToolOutcome", "Trajectory", "Turn", "Usage",
+    ],
+    "genagent.errors": [
+        "BudgetExceeded", "ConfigurationError", "GenAgentError", "HookError",
+        "InvalidImageError", "ModelVisibleError", "PolicyError", "ProtocolError", "RunError",
+        "ToolArgumentError", "ToolDefinitionError", "ToolExecutionError", "ToolRefused",
+        "ToolUnavailable", "TrajectoryError",
+    ],
+    "genagent.hooks": ["HookList", "Hooks", "RunContext"],
+    "genagent.images": [
+        "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_IMAGE_PIXELS", "DirectoryImageStore",
+        "ImageFormat", "ImageLike", "ImageRef", "ImageStore", "MemoryImageStore",
+        "decode_base64_image", "encode_png", "inspect_image", "to_data_uri",
+    ],
+    "genagent.messages": ["ImagePart", "Message", "Part", "Role", "TextPart"],
+    "genagent.tasks": ["Task"],
+    "genagent.agent": ["Agent", "FinalStep", "PolicyStep", "SeedPolicy", "Step", "ToolStep"],
 }  # fmt: skip
 
 

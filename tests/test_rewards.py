@@ -465,3 +465,17 @@ def test_non_finite_scores_become_recorded_failures(value: float) -> None:
     assert coerce_reward_output(value).score is None
     out = coerce_reward_output(RewardOutput(score=value, info={"judge": "x"}))
     assert out.score is None and out.info["judge"] == "x" and "score" in out.info["error"]
+
+
+def test_sync_async_mix_ups_in_rewards_fail_at_definition() -> None:
+    with pytest.raises(ConfigurationError, match="score is async"):
+
+        class AsyncScore(Reward):
+            async def score(self, prompt: str, image: Any, ctx: Any = None) -> Any:  # type: ignore[override]
+                return 1.0
+
+    with pytest.raises(ConfigurationError, match="ascore must be `async def`"):
+
+        class SyncAscore(Reward):
+            def ascore(self, prompt: str, image: Any, ctx: Any = None) -> Any:  # type: ignore[override]
+                return 1.0

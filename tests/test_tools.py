@@ -524,3 +524,19 @@ def test_max_concurrency_must_be_a_positive_int(value: Any) -> None:
 
             def __call__(self, args: Any, ctx: Any) -> Any:
                 return None
+
+
+def test_an_async_dunder_call_is_rejected_when_the_class_is_defined() -> None:
+    with pytest.raises(ToolDefinitionError, match="name an async implementation `acall`"):
+
+        class Wrong(GenerationTool):
+            async def __call__(self, args: Any, ctx: Any) -> Any:  # type: ignore[override]
+                return None
+
+
+def test_a_sync_acall_is_rejected_when_the_class_is_defined() -> None:
+    with pytest.raises(ToolDefinitionError, match="`acall` must be `async def`"):
+
+        class Wrong(GenerationTool):
+            def acall(self, args: Any, ctx: Any) -> Any:  # type: ignore[override]
+                return None

@@ -21,11 +21,9 @@ import hashlib
 import logging
 import math
 import random
-import threading
 import time
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from genagent._async import run_sync
 from genagent._version import __version__
@@ -287,7 +286,8 @@ class Agent:
         prompts: Iterable[str | Task],
         *,
         concurrency: int = 8,
-        seeds: Sequence[int | None] | None = None,
+        seeds: Iterable[int | None] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         raise_errors: bool = False,
         progress: bool | None = None,
     ) -> list[Trajectory]:
@@ -297,6 +297,7 @@ class Agent:
             prompts: Requests or tasks.
             concurrency: Most runs in flight at once.
             seeds: One base seed per prompt (default: the agent's seed policy).
+            metadata: Extra metadata recorded on every trajectory.
             raise_errors: Re-raise the first run-ending error instead of recording it on that
                 run's trajectory (``termination="error"``).
             progress: Show a progress bar (default: when standard error is a terminal).
@@ -306,6 +307,7 @@ class Agent:
                 prompts,
                 concurrency=concurrency,
                 seeds=seeds,
+                metadata=metadata,
                 raise_errors=raise_errors,
                 progress=progress,
             )
@@ -316,13 +318,18 @@ class Agent:
         prompts: Iterable[str | Task],
         *,
         concurrency: int = 8,
-        seeds: Sequence[int | None] | None = None,
+        seeds: Iterable[int | None] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         raise_errors: bool = False,
         progress: bool | None = None,
     ) -> list[Trajectory]:
         """Async :meth:`run_batch`."""
         from genagent._progress import progress_bar
 
+        if isinstance(prompts, (str, Task)):
+            raise ConfigurationError(
+                "run_batch takes a list of prompts; use run() (or arun()) for a single one"
+            )
         tasks = [Task.coerce(p) for p in prompts]
         _positive_int("concurrency", concurrency)
         seed_list = [_seed(s) for s in seeds] if seeds is not None else None
@@ -337,7 +344,7 @@ class Agent:
                 async with semaphore:
                     seed = seed_list[i] if seed_list is not None else None
                     try:
-                        results[i] = await self.arun(tasks[i], seed=seed)
+                        results[i] = await self.arun(tasks[i], seed=seed, metadata=metadata)
                     except RunError as exc:
                         if raise_errors or exc.trajectory is None:
                             raise
@@ -390,14 +397,14 @@ class Agent:
 
     # ------------------------------------------------------------------ helpers
 
-    def derive_seeds(self, base_seed: int, round_: int, count: int) -> list[int]:
-        """The seeds of ``count`` images of round ``round_`` (1-based) under the seed policy."""
+    def derive_seeds(self, base_seed: int, round_number: int, count: int, /) -> list[int]:
+        """The seeds of ``count`` images of round ``round_number`` (1-based), per the policy."""
         if self.seed_policy == "random":
             rng = random.SystemRandom()
             return [rng.randrange(_SEED_LIMIT) for _ in range(count)]
         if self.seed_policy == "fixed":
             return [(base_seed + i) % _SEED_LIMIT for i in range(count)]
-        return [_hash_seed(base_seed, round_, i) for i in range(count)]
+        return [_hash_seed(base_seed, round_number, i) for i in range(count)]
 
     def describe(self) -> dict[str, Any]:
         """The agent's settings, as recorded in trajectory metadata."""
@@ -449,15 +456,17 @@ class _Run:
         self.base_seed = base_seed
         self.trajectory = Trajectory(
             task=task,
-            metadata={
-                "genagent_version": __version__,
-                "policy": describe_policy(agent.policy),
-                "tools": [t.describe() for t in agent.tools.values()],
-                "protocol": agent.protocol.describe(),
-                "agent": agent.describe(),
-                "seed": base_seed,
-                **(dict(metadata) if metadata else {}),
-            },
+            metadata=_jsonable(
+                {
+                    "genagent_version": __version__,
+                    "policy": describe_policy(agent.policy),
+                    "tools": [t.describe() for t in agent.tools.values()],
+                    "protocol": agent.protocol.describe(),
+                    "agent": agent.describe(),
+                    "seed": base_seed,
+                    **(dict(metadata) if metadata else {}),
+                }
+            ),
         )
         self.started = agent.clock()
         deadline = self.started + agent.time_budget_s if agent.time_budget_s is not None else None
@@ -467,75 +476,22 @@ class _Run:
         # the last tool response's outcome and the images it showed (for <select>)
         self.shown: tuple[ToolOutcome, list[ImageRef]] | None = None
         self.retries = 0
+        self.termination: Termination | None = None
         self.ended = False  # on_run_end has been called
 
     # ------------------------------------------------------------------ driver
 
     async def steps(self) -> AsyncGenerator[Step, None]:
-        agent, traj = self.agent, self.trajectory
-        termination: Termination | None = None
+        traj = self.trajectory
         try:
-            await self._hook(agent.hooks.on_run_start(self.ctx))
-            system = Message.system(agent.protocol.system_prompt(list(agent.tools.values())))
-            pending = [system, agent.protocol.user_message(traj.task)]
-            while termination is None:
-                if len(traj.turns) >= agent.max_turns:
-                    termination = Termination.MAX_TURNS
-                    break
-                if self._budget_spent():
-                    termination = Termination.BUDGET
-                    break
-                turn = Turn(index=len(traj.turns), messages=pending)
-                self.ctx.turn = turn.index
-                self.conversation.extend(pending)
-                traj.turns.append(turn)
-
-                output = await self._call_policy(turn)
-                if output is None:
-                    termination = Termination.BUDGET
-                    break
-                parsed = self._parse(turn)
-                yield PolicyStep(turn=turn, output=output)
-
-                error: ModelVisibleError | None = None
-                during = "reply"
-                if isinstance(parsed, ProtocolError):
-                    error = parsed
-                elif parsed.kind == "answer":
-                    traj.answer = parsed.answer
-                    termination = Termination.ANSWERED
-                else:
-                    assert parsed.tool_call is not None
-                    done = await self._tool_turn(turn, parsed.tool_call)
-                    if done is None:
-                        termination = Termination.BUDGET
-                        break
-                    yield ToolStep(
-                        turn=turn, call=done.call, outcome=done.outcome, images=done.images
-                    )
-                    error, during = done.error, "tool"
-                    if error is None:
-                        pending = [self._observation(done)]
-                        if self.ctx.round >= agent.max_rounds:
-                            termination = Termination.MAX_ROUNDS
-                if error is not None:
-                    turn.error = ErrorInfo.from_exception(error)
-                    self.retries += 1
-                    await self._hook(agent.hooks.on_error(self.ctx, error))
-                    pending = [agent.protocol.error_message(error, during=during)]
-                    if self.retries > agent.max_retries:
-                        termination = Termination.ERROR
-                        traj.error = ErrorInfo(
-                            type="TooManyRetries",
-                            message=f"{self.retries} consecutive unusable turns (max_retries="
-                            f"{agent.max_retries}); last: {turn.error.message}",
-                        )
-                else:
-                    self.retries = 0
-                await self._hook(agent.hooks.on_turn_end(self.ctx, turn))
-            await self._finish(termination)
-        except BudgetExceeded:
-            await self._finish(Termination.BUDGET)
+            termination: Termination | None = None
+            try:
+                async for step in self._loop():
+                    yield step
+                termination = self.termination
+            except BudgetExceeded:  # raised by a hook or a tool to stop the run
+                termination = Termination.BUDGET
+            await self._finish(termination or Termination.ERROR)
         except RunError as exc:
             await self._fail(exc)
             raise
@@ -554,6 +510,69 @@ class _Run:
             raise wrapped from exc
         yield FinalStep(trajectory=traj)
 
+    async def _loop(self) -> AsyncGenerator[Step, None]:
+        """The turns of the run; sets ``self.termination`` when it stops."""
+        agent, traj = self.agent, self.trajectory
+        await self._hook(agent.hooks.on_run_start(self.ctx))
+        system = Message.system(agent.protocol.system_prompt(list(agent.tools.values())))
+        pending = [system, agent.protocol.user_message(traj.task)]
+        while self.termination is None:
+            if len(traj.turns) >= agent.max_turns:
+                self.termination = Termination.MAX_TURNS
+                break
+            if self._budget_spent():
+                self.termination = Termination.BUDGET
+                break
+            # interrupted until the reply arrives: a call cut short leaves no empty reply
+            turn = Turn(index=len(traj.turns), messages=pending, interrupted=True)
+            self.ctx.turn = turn.index
+            self.conversation.extend(pending)
+            traj.turns.append(turn)
+
+            output = await self._call_policy(turn)
+            if output is None:
+                self.termination = Termination.BUDGET
+                await self._hook(agent.hooks.on_turn_end(self.ctx, turn))
+                break
+            parsed = self._parse(turn)
+            yield PolicyStep(turn=turn, output=output)
+
+            error: ModelVisibleError | None = None
+            during = "reply"
+            if isinstance(parsed, ProtocolError):
+                error = parsed
+            elif parsed.kind == "answer":
+                traj.answer = parsed.answer
+                self.termination = Termination.ANSWERED
+            else:
+                assert parsed.tool_call is not None
+                done = await self._tool_turn(turn, parsed.tool_call)
+                if done is None:
+                    self.termination = Termination.BUDGET
+                    await self._hook(agent.hooks.on_turn_end(self.ctx, turn))
+                    break
+                yield ToolStep(turn=turn, call=done.call, outcome=done.outcome, images=done.images)
+                error, during = done.error, "tool"
+                if error is None:
+                    pending = [self._observation(done)]
+                    if self.ctx.completed_rounds >= agent.max_rounds:
+                        self.termination = Termination.MAX_ROUNDS
+            if error is not None:
+                turn.error = ErrorInfo.from_exception(error)
+                self.retries += 1
+                await self._hook(agent.hooks.on_error(self.ctx, error))
+                pending = [agent.protocol.error_message(error, during=during)]
+                if self.retries > agent.max_retries:
+                    self.termination = Termination.ERROR
+                    traj.error = ErrorInfo(
+                        type="TooManyRetries",
+                        message=f"{self.retries} consecutive unusable turns (max_retries="
+                        f"{agent.max_retries}); last: {turn.error.message}",
+                    )
+            else:
+                self.retries = 0
+            await self._hook(agent.hooks.on_turn_end(self.ctx, turn))
+
     def _observation(self, done: _ToolTurn) -> Message:
         record, images = done.outcome, done.images
         if self.agent.show_candidates == "all":
@@ -561,7 +580,8 @@ class _Run:
         else:
             shown = [images[record.selected]] if record.selected is not None else []
         self.shown = (record, shown)
-        return self.agent.protocol.observation(shown, record.text)
+        kept = record.selected if len(shown) > 1 and record.selected is not None else 0
+        return self.agent.protocol.observation(shown, record.text, kept=kept)
 
     # ------------------------------------------------------------------ policy
 
@@ -578,7 +598,6 @@ class _Run:
             turn.sent_messages = list(replaced)
             messages = list(replaced)
         start = time.perf_counter()
-        turn.interrupted = True  # until the reply arrives
         try:
             output = await self._within_budget(
                 lambda: agent.policy.generate(
@@ -691,7 +710,7 @@ class _Run:
                 result = _checked_result(replaced_result, "the after_tool hook")
             images = tuple(await self._store(result))
             record.text = result.text
-            record.metadata = dict(result.metadata)
+            record.metadata = _jsonable(result.metadata)
             record.seeds = list(result.seeds) if result.seeds is not None else list(seeds)
             if images:
                 first = len(traj.images)
@@ -699,8 +718,8 @@ class _Run:
                 record.images = list(range(first, first + len(images)))
                 scores, best = await self._select(images)
                 record.scores = scores
-                self.ctx.round += 1
-                record.round = self.ctx.round
+                self.ctx.completed_rounds += 1
+                record.round = self.ctx.completed_rounds
                 self._keep(record, best, "judge" if scores is not None else "default")
                 done.images = images
             elif record.text is None:
@@ -727,7 +746,7 @@ class _Run:
             raise ToolUnavailable(
                 f"tool {call.name} failed to set up: {type(exc).__name__}: {exc}"
             ) from exc
-        round_ = self.ctx.round + 1
+        round_ = self.ctx.completed_rounds + 1
         seeds = agent.derive_seeds(self.base_seed, round_, agent.candidates)
         per_call = max(1, tool.max_images_per_call)
         chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
@@ -755,12 +774,11 @@ class _Run:
                 current_image=current,
                 deadline=self.ctx.deadline,
                 clock=agent.clock,
-                metadata=self.ctx.state,
+                state=self.ctx.state,
                 progress_callback=progress,
             )
             try:
-                async with _tool_slot(tool):
-                    result: Any = await tool.acall(args, ctx)
+                result: Any = await tool.invoke(args, ctx)
             except (ModelVisibleError, RunError):
                 raise
             except InvalidImageError as exc:
@@ -807,7 +825,7 @@ class _Run:
             except (TypeError, AttributeError) as exc:
                 raise ToolUnavailable(
                     f"the tool returned {type(image).__name__} as an image; tools return PIL "
-                    "images or encoded bytes"
+                    "images, encoded bytes or ImageRefs"
                 ) from exc
         return refs
 
@@ -825,7 +843,7 @@ class _Run:
             context = RewardContext(
                 task=self.trajectory.task,
                 trajectory=self.trajectory,
-                round=self.ctx.round + 1,
+                round=self.ctx.completed_rounds + 1,
                 image_ref=ref,
             )
             return await judge.safe_ascore(self.trajectory.prompt, image, context)
@@ -855,11 +873,10 @@ class _Run:
         await self._hook(self.agent.hooks.on_run_end(self.ctx, traj))
 
     async def _fail(self, exc: RunError) -> None:
-        """Record a run-ending error; an on_run_end hook that failed keeps the termination."""
+        """Record a run-ending error (also one raised by ``on_run_end``, which is not re-run)."""
         traj = self.trajectory
         traj.error = ErrorInfo.from_exception(exc)
-        if not self.ended:
-            self._finalize(Termination.ERROR)
+        self._finalize(Termination.ERROR)
         exc.trajectory = traj
         try:
             await self.agent.hooks.on_error(self.ctx, exc)
@@ -1046,23 +1063,13 @@ def _checked_result(result: ToolResult, source: str) -> ToolResult:
     return result
 
 
-@contextlib.asynccontextmanager
-async def _tool_slot(tool: Tool) -> AsyncIterator[None]:
-    """Hold one of the tool's ``max_concurrency`` slots (shared by every run and event loop)."""
-    limit = tool.max_concurrency
-    if limit is None:
-        yield
-        return
-    semaphore = tool.__dict__.get("_genagent_slots")
-    if semaphore is None:
-        semaphore = tool.__dict__.setdefault("_genagent_slots", threading.BoundedSemaphore(limit))
-    # a threading semaphore polled from the loop: usable from any loop and cancellation-safe
-    while not semaphore.acquire(blocking=False):  # noqa: ASYNC110 (no cross-loop asyncio.Event)
-        await asyncio.sleep(0.002)
-    try:
-        yield
-    finally:
-        semaphore.release()
+def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as JSON values, so that a trajectory saves and loads back equal.
+
+    Tuples become lists and objects JSON cannot hold become their ``repr``.
+    """
+    result: dict[str, Any] = to_jsonable_python(value, fallback=repr)
+    return result
 
 
 def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:

@@ -202,6 +202,11 @@ def run(
         judge=registry.rewards.create(judge) if judge is not None else None,
         time_budget_s=budget,
     )
+    simulated = [
+        part["name"]
+        for part in _trajectory_parts(agent)
+        if isinstance(part, dict) and part.get("simulator")
+    ]
     trajectory = agent.run(prompt, seed=seed)
     folder = trajectory.save(out or Path("genagent-runs") / trajectory.id).resolve()
     final = trajectory.final_image_ref
@@ -209,6 +214,7 @@ def run(
         console.print_json(
             json.dumps(
                 {
+                    "simulator": bool(simulated),
                     "id": trajectory.id,
                     "termination": trajectory.termination.value if trajectory.termination else None,
                     "rounds": trajectory.num_rounds,
@@ -219,6 +225,12 @@ def run(
             )
         )
         return
+    if simulated:
+        console.print(
+            f"[yellow]SIMULATOR[/] ({', '.join(simulated)}): glyph drawings and rule-based "
+            "decisions, not real models",
+            highlight=False,
+        )
     for turn in trajectory.turns:
         console.rule(f"turn {turn.index}", style="dim")
         action = turn.action
@@ -242,6 +254,13 @@ def run(
     )
     if final is not None:
         console.print(f"final image: {folder / 'images' / final.filename}", highlight=False)
+
+
+def _trajectory_parts(agent: Any) -> list[Any]:
+    """The descriptions of an agent's tools and policy (what trajectories record)."""
+    from genagent.policies import describe_policy
+
+    return [*(t.describe() for t in agent.tools.values()), describe_policy(agent.policy)]
 
 
 def _labelled(label: str, style: str, text: str) -> None:

@@ -32,7 +32,8 @@ class RunContext:
     Attributes:
         agent: The agent running.
         trajectory: The trajectory so far (live; do not mutate it from hooks).
-        round: Image rounds completed so far (a round with several candidates counts once).
+        completed_rounds: Image rounds completed so far (a round with several candidates counts
+            once). ``ToolContext.round`` is the round a tool call is producing: one more.
         turn: Index of the current turn.
         deadline: Clock time at which the budget is spent, if there is a budget.
         state: Free-form per-run storage for hooks.
@@ -40,7 +41,7 @@ class RunContext:
 
     agent: Agent
     trajectory: Trajectory
-    round: int = 0
+    completed_rounds: int = 0
     turn: int = 0
     deadline: float | None = None
     state: dict[str, Any] = field(default_factory=dict)

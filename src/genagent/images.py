@@ -31,12 +31,14 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DirectoryImageStore",
+    "ImageFormat",
     "ImageLike",
     "ImageRef",
     "ImageStore",
     "MemoryImageStore",
     "decode_base64_image",
     "encode_png",
+    "inspect_image",
     "to_data_uri",
 ]
 
@@ -188,17 +190,20 @@ class ImageStore(ABC):
         self.max_image_bytes = max_image_bytes
         self.png_compress_level = png_compress_level
 
-    def put(self, image: PILImage.Image | bytes) -> ImageRef:
+    def put(self, image: PILImage.Image | bytes | ImageRef) -> ImageRef:
         """Validate, hash and store an image; return its bound reference.
 
         Args:
-            image: Encoded bytes (PNG, JPEG, WebP, ...) or a PIL image (encoded as PNG, keeping
-                its text metadata).
+            image: Encoded bytes (PNG, JPEG, WebP, ...), a PIL image (encoded as PNG, keeping
+                its text metadata), or a bound ``ImageRef`` (e.g. an edit that changed nothing
+                returning ``ctx.current_image``; stored once, by content).
 
         Raises:
             InvalidImageError: If the bytes are not a readable image or exceed the limits.
         """
-        if isinstance(image, (bytes, bytearray, memoryview)):
+        if isinstance(image, ImageRef):
+            data = image.read_bytes()
+        elif isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
         else:
             data = encode_png(image, compress_level=self.png_compress_level)

@@ -125,8 +125,14 @@ class ReplyProtocol(ABC):
         return ""
 
     @abstractmethod
-    def observation(self, images: Sequence[ImageRef], text: str | None = None) -> Message:
-        """The message that returns a tool's images to the policy."""
+    def observation(
+        self, images: Sequence[ImageRef], text: str | None = None, *, kept: int = 0
+    ) -> Message:
+        """The message that returns a tool's images to the policy.
+
+        ``kept`` is the candidate (0-based) the run continues with unless the policy selects
+        another.
+        """
 
     @abstractmethod
     def error_message(self, error: ModelVisibleError, *, during: str) -> Message:
@@ -206,19 +212,22 @@ class GenAgentProtocol(ReplyProtocol):
         """The user's request."""
         return Message.user(self.user_template.replace("{prompt}", task.prompt))
 
-    def observation(self, images: Sequence[ImageRef], text: str | None = None) -> Message:
+    def observation(
+        self, images: Sequence[ImageRef], text: str | None = None, *, kept: int = 0
+    ) -> Message:
         """``<tool_response>`` image [text] ``</tool_response>`` as a user message.
 
         Several images (candidates shown to the policy) are labelled ``Candidate 1:``, ... and
-        followed by a note that ``<select>k</select>`` keeps candidate ``k``.
+        followed by a note saying which one is kept (``kept``, 0-based: the judge's choice or
+        the first) and that ``<select>k</select>`` keeps candidate ``k`` instead.
         """
         parts: list[str | ImageRef] = [self.observation_prefix]
         if len(images) > 1:
             for k, image in enumerate(images, 1):
                 parts.extend((f"Candidate {k}:", image))
             parts.append(
-                f"Write <select>k</select> (1 to {len(images)}) to keep candidate k; "
-                "without it, candidate 1 is kept."
+                f"Candidate {kept + 1} is kept. Write <select>k</select> (1 to {len(images)}) "
+                "to keep candidate k instead, and judge the candidate you keep."
             )
         else:
             parts.extend(images)
@@ -241,15 +250,21 @@ class GenAgentProtocol(ReplyProtocol):
         )
 
     def reply_suffix(self, output: PolicyOutput) -> str:
-        """Close a ``<tool_call>`` or ``<answer>`` block left open by a stop sequence."""
-        if output.stop in self.stop and output.stop and output.stop.startswith("</"):
-            return output.stop
+        """Close a ``<tool_call>`` or ``<answer>`` block left open by a stop sequence.
+
+        Nothing is added when the reply already ends with its closing tag (backends that keep
+        the stop string in the text).
+        """
         last_open = None
         for match in _TAG_RE.finditer(output.text):
             closing, tag = match.group(1), match.group(2).lower()
             if tag in ("tool_call", "answer"):
                 last_open = None if closing else tag
-        return f"</{last_open}>" if last_open else ""
+        if last_open is None:
+            return ""
+        if output.stop in self.stop and output.stop == f"</{last_open}>":
+            return output.stop
+        return f"</{last_open}>"
 
     # ------------------------------------------------------------------ parsing
 
@@ -449,7 +464,7 @@ def _parse_select(blocks: list[str], state: ProtocolState) -> int | None:
             "the reply selects more than once", hint="Write one <select>k</select>."
         )
     text = blocks[0].strip()
-    if not text.isdigit() or len(text) > 6:
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
         raise ProtocolError(
             f"<select> must hold a candidate number, got {text[:40]!r}",
             hint="Write e.g. <select>2</select>.",

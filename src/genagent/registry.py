@@ -8,6 +8,7 @@ add entries through the ``genagent.tools`` and ``genagent.policies`` entry-point
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -18,6 +19,17 @@ from genagent.errors import ConfigurationError
 __all__ = ["Registry", "RegistryEntry", "policies", "rewards", "tools"]
 
 T = TypeVar("T")
+
+# packages that genagent extras provide -> the extra to install
+_EXTRAS = {
+    "torch": "local",
+    "transformers": "local",
+    "accelerate": "local",
+    "safetensors": "local",
+    "diffusers": "diffusers",
+    "triton": "kernels",
+    "peft": "train",
+}
 
 
 @dataclass(frozen=True)
@@ -35,18 +47,40 @@ class RegistryEntry:
     description: str = ""
 
     def load(self) -> Callable[..., Any]:
-        """Resolve the factory (importing its module if given as a string)."""
+        """Resolve the factory: import ``module`` of ``"module:attr.sub"`` and walk the path.
+
+        Raises:
+            ConfigurationError: If the module cannot be imported (naming the extra to install
+                when a genagent extra provides the missing package) or the attribute is missing.
+        """
         if callable(self.target):
             return self.target
-        module_name, _, attr = self.target.partition(":")
+        spec = self.target.split("[", 1)[0].strip()  # entry-point syntax allows "[extras]"
+        module_name, _, path = spec.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            obj: Any = importlib.import_module(module_name)
         except ImportError as exc:
+            missing = (exc.name or "").split(".")[0]
+            extra = _EXTRAS.get(missing)
+            advice = (
+                f"install it with `pip install 'genagent[{extra}]'`"
+                if extra
+                else "check the module path, or install the package that provides it"
+            )
             raise ConfigurationError(
-                f"{self.name!r} needs a package that is not installed ({exc.name or exc}); "
-                "install the matching extra, e.g. `pip install 'genagent[diffusers]'`"
+                f"{self.name!r} cannot be loaded: module {missing or module_name!r} is not "
+                f"available; {advice}"
             ) from exc
-        factory: Callable[..., Any] = getattr(module, attr)
+        for attr in filter(None, path.split(".")):
+            try:
+                obj = getattr(obj, attr)
+            except AttributeError:
+                raise ConfigurationError(
+                    f"{self.name!r} points at {self.target!r}, but {module_name} has no {path!r}"
+                ) from None
+        if not callable(obj):
+            raise ConfigurationError(f"{self.name!r} points at {self.target!r}, not a callable")
+        factory: Callable[..., Any] = obj
         return factory
 
 
@@ -100,13 +134,23 @@ class Registry(Generic[T]):
         """
         factory = self.entry(name).load()
         try:
-            result: T = factory(**kwargs)
+            inspect.signature(factory).bind(**kwargs)
         except TypeError as exc:
             raise ConfigurationError(
                 f"{self.kind} {name!r} does not take these arguments: {exc}"
-            ) from exc
+            ) from None
+        except ValueError:
+            pass  # no introspectable signature (a builtin): let the call decide
+        try:
+            result: T = factory(**kwargs)
+        except ConfigurationError:
+            raise
         except ValueError as exc:
             raise ConfigurationError(f"{self.kind} {name!r}: {exc}") from exc
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{self.kind} {name!r} failed to build: {type(exc).__name__}: {exc}"
+            ) from exc
         return result
 
     def entry(self, name: str) -> RegistryEntry:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import to_jsonable_python
 
 from genagent.errors import ConfigurationError
 
@@ -32,6 +33,20 @@ class Task(BaseModel):
     id: str | None = None
     category: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is blank; say what to generate")
+        return prompt
+
+    @field_validator("metadata")
+    @classmethod
+    def _json_values(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        # JSON values only, so that a trajectory carrying the task saves and loads back equal
+        result: dict[str, Any] = to_jsonable_python(metadata, fallback=repr)
+        return result
 
     @classmethod
     def coerce(cls, value: str | Task) -> Task:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticSerializationError
 
 from genagent.errors import InvalidImageError, TrajectoryError
 from genagent.images import DirectoryImageStore, ImageRef, _atomic_write
@@ -413,6 +414,13 @@ class Trajectory(BaseModel):
         """
         root = Path(folder)
         store = DirectoryImageStore(root / IMAGES_DIR)
+        try:  # serialise first: nothing is written for a trajectory that cannot be saved
+            payload = self.model_dump_json(indent=1).encode("utf-8")
+        except PydanticSerializationError as exc:
+            raise TrajectoryError(
+                f"cannot be serialised to JSON ({exc}); keep metadata JSON-compatible",
+                path=root / TRAJECTORY_FILE,
+            ) from None
         target = root
         try:
             for ref in _all_refs(self):
@@ -425,7 +433,7 @@ class Trajectory(BaseModel):
                     raise TrajectoryError(str(exc), path=target) from None
                 _atomic_write(target, data)
             target = root / TRAJECTORY_FILE
-            _atomic_write(target, self.model_dump_json(indent=1).encode("utf-8"))
+            _atomic_write(target, payload)
         except OSError as exc:
             raise TrajectoryError(f"cannot write: {exc.strerror or exc}", path=target) from None
         return root

@@ -85,6 +85,7 @@ class Reward:
                 f"reward class {cls.__qualname__}: implement `def score(self, prompt, image, "
                 "ctx)` or `async def ascore(self, prompt, image, ctx)`"
             )
+        _check_sync_async(cls, "score", "ascore", Reward)
 
     def score(
         self, prompt: str, image: PILImage.Image, ctx: RewardContext | None = None
@@ -141,6 +142,7 @@ class PairwiseReward:
                 f"pairwise reward class {cls.__qualname__}: implement `compare(self, prompt, a, "
                 "b, ctx)` or `async acompare(...)`"
             )
+        _check_sync_async(cls, "compare", "acompare", PairwiseReward)
 
     def compare(
         self,
@@ -168,6 +170,22 @@ def _coerce_pairwise_output(value: Any) -> PairwiseOutput:
     if isinstance(value, PairwiseOutput):
         return value
     return PairwiseOutput(prob_a_better=None if value is None else float(value))
+
+
+def _check_sync_async(cls: type, sync: str, async_: str, base: type) -> None:
+    """The sync method must be plain and the async one ``async def`` (checked at definition)."""
+    if getattr(cls, sync) is not getattr(base, sync) and inspect.iscoroutinefunction(
+        getattr(cls, sync)
+    ):
+        raise ConfigurationError(
+            f"{cls.__qualname__}.{sync} is async; name an async implementation `{async_}`"
+        )
+    if getattr(cls, async_) is not getattr(base, async_) and not inspect.iscoroutinefunction(
+        getattr(cls, async_)
+    ):
+        raise ConfigurationError(
+            f"{cls.__qualname__}.{async_} must be `async def`; name a sync one `{sync}`"
+        )
 
 
 def coerce_reward_output(value: Any) -> RewardOutput:

@@ -51,14 +51,14 @@ class ToolResult:
     """What a tool call returns.
 
     Attributes:
-        images: Generated images, as PIL images or encoded bytes. PIL images are stored as PNG
-            with their text metadata.
+        images: Generated images, as PIL images, encoded bytes, or ``ImageRef`` objects of
+            images the run already has. PIL images are stored as PNG with their text metadata.
         text: Text to show the policy beside the images (optional).
         seeds: The seed behind each image, if known (recorded on the trajectory).
         metadata: Anything worth recording about the call (model, size, steps, timings).
     """
 
-    images: list[PILImage.Image | bytes] = field(default_factory=list)
+    images: list[PILImage.Image | bytes | ImageRef] = field(default_factory=list)
     text: str | None = None
     seeds: list[int | None] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +96,8 @@ class ToolContext:
         current_image: The image that an edit applies to (the latest selected image).
         deadline: Clock time by which the run's budget is spent, if it has one.
         clock: The clock ``deadline`` is measured on.
-        metadata: Free-form state shared by tools and hooks within a run.
+        state: Free-form per-run storage shared by the run's tools and hooks
+            (``RunContext.state``).
     """
 
     run_id: str
@@ -108,7 +109,7 @@ class ToolContext:
     current_image: ImageRef | None = None
     deadline: float | None = None
     clock: Callable[[], float] = time.monotonic
-    metadata: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
     progress_callback: Callable[[ToolProgress], None] | None = None
 
     @property
@@ -223,6 +224,52 @@ class Tool:
 
     # ------------------------------------------------------------------ helpers
 
+    async def invoke(self, args: Any, ctx: ToolContext) -> Any:
+        """Call the tool as the agent does: within ``max_concurrency``, sync tools in a thread.
+
+        A sync tool's slot is released by its worker thread when the call really ends, so a
+        call abandoned by a spent budget or a cancelled run still holds it until then.
+        """
+        slots = self._slots()
+        if slots is not None:
+            # a threading semaphore polled from the loop: usable from any event loop, and
+            # nothing is held while waiting
+            while not slots.acquire(blocking=False):  # noqa: ASYNC110 (no cross-loop Event)
+                await asyncio.sleep(0.002)
+        if type(self).acall is Tool.acall:  # a sync tool
+            return await asyncio.to_thread(self._call_holding, args, ctx, slots)
+        try:
+            return await self.acall(args, ctx)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _call_holding(
+        self, args: Any, ctx: ToolContext, slots: threading.BoundedSemaphore | None
+    ) -> ToolResult:
+        try:
+            return self.__call__(args, ctx)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _slots(self) -> threading.BoundedSemaphore | None:
+        if self.max_concurrency is None:
+            return None
+        slots = self.__dict__.get("_genagent_slots")
+        if slots is None:
+            slots = self.__dict__.setdefault(
+                "_genagent_slots", threading.BoundedSemaphore(self.max_concurrency)
+            )
+        return slots  # type: ignore[no-any-return]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # locks are per process; setup runs again after unpickling
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_genagent_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     async def ensure_setup(self) -> None:
         """Run :meth:`setup` once (thread- and task-safe)."""
         if self.__dict__.get("_genagent_ready"):
@@ -327,6 +374,15 @@ def _check_tool_class(cls: type[Tool]) -> None:
         raise ToolDefinitionError(
             f"{where}: an EditTool's `Args` must have an `instruction: str` field (subclass "
             "EditArgs to add more)."
+        )
+    if cls.__call__ is not Tool.__call__ and inspect.iscoroutinefunction(cls.__call__):
+        raise ToolDefinitionError(
+            f"{where}: `__call__` is async; name an async implementation `acall` instead "
+            "(`__call__` is the sync one, run in a worker thread)."
+        )
+    if cls.acall is not Tool.acall and not inspect.iscoroutinefunction(cls.acall):
+        raise ToolDefinitionError(
+            f"{where}: `acall` must be `async def`; name a sync implementation `__call__`."
         )
     if cls.__call__ is Tool.__call__ and cls.acall is Tool.acall:
         raise ToolDefinitionError(
