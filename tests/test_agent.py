@@ -1168,29 +1168,33 @@ def test_wall_time_includes_the_final_rewards() -> None:
     assert trajectory.wall_s >= 0.2
 
 
+class Serial(GenerationTool):
+    """At most one call at a time; records the peak number of calls in flight."""
+
+    max_concurrency = 1
+
+    def __init__(self, seconds: float) -> None:
+        import threading
+
+        self.seconds = seconds
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+        import time
+
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        return ToolResult(images=[solid("red")])
+
+
 def test_a_tool_never_runs_more_calls_at_once_than_its_max_concurrency() -> None:
-    import threading
-
-    class Serial(GenerationTool):
-        max_concurrency = 1
-
-        def __init__(self) -> None:
-            self.active = 0
-            self.peak = 0
-            self.lock = threading.Lock()
-
-        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
-            with self.lock:
-                self.active += 1
-                self.peak = max(self.peak, self.active)
-            import time
-
-            time.sleep(0.01)
-            with self.lock:
-                self.active -= 1
-            return ToolResult(images=[solid("red")])
-
-    serial = Serial()
+    serial = Serial(0.01)
     agent = Agent(serial, policy=FunctionPolicy(generate_then_answer), candidates=3)
     agent.run_batch(["red"] * 4, concurrency=4)
     assert serial.peak == 1
@@ -1237,27 +1241,7 @@ async def test_cancelling_the_task_still_calls_on_run_end() -> None:
 
 
 def test_max_concurrency_holds_when_a_sync_call_is_abandoned_by_the_budget() -> None:
-    import threading
-    import time as time_module
-
-    class Slow(GenerationTool):
-        max_concurrency = 1
-
-        def __init__(self) -> None:
-            self.active = 0
-            self.peak = 0
-            self.lock = threading.Lock()
-
-        def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
-            with self.lock:
-                self.active += 1
-                self.peak = max(self.peak, self.active)
-            time_module.sleep(0.3)
-            with self.lock:
-                self.active -= 1
-            return ToolResult(images=[solid("red")])
-
-    slow = Slow()
+    slow = Serial(0.3)
     policy = FunctionPolicy(generate_then_answer)
     cut = Agent(slow, policy=policy, time_budget_s=0.05)
     patient = Agent(slow, policy=policy)
