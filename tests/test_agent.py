@@ -940,9 +940,26 @@ def test_agent_rejects_invalid_configuration(kwargs: dict[str, Any], message: st
         Agent(**settings)
 
 
-def test_agent_with_a_custom_tool_requires_a_policy() -> None:
-    with pytest.raises(ConfigurationError, match="no policy given"):
-        Agent(Paint())
+def test_agent_with_a_custom_tool_defaults_to_the_genagent_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from genagent.policies._resolve import DEFAULT_POLICY_MODEL
+
+    monkeypatch.delenv("GENAGENT_POLICY", raising=False)
+    agent = Agent(Paint())  # lazy: nothing is loaded until the first call
+    assert agent.policy.describe()["model"] == DEFAULT_POLICY_MODEL
+
+
+def test_genagent_policy_selects_the_default_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genagent.policies import OpenAIPolicy
+
+    monkeypatch.setenv("GENAGENT_POLICY", "http://127.0.0.1:9/v1")
+    agent = Agent(Paint())
+    assert (
+        isinstance(agent.policy, OpenAIPolicy) and agent.policy.base_url == "http://127.0.0.1:9/v1"
+    )
+    monkeypatch.setenv("GENAGENT_POLICY", "heuristic")
+    assert Agent(Paint()).policy.name == "heuristic"
 
 
 def test_agent_accepts_tools_keyword_for_several_tools() -> None:

@@ -31,8 +31,13 @@ PUBLIC = {
         "ToolProgress", "ToolResult", "tool",
     ],
     "genagent.policies": [
-        "FunctionPolicy", "Policy", "PolicyOutput", "SamplingParams", "ScriptedPolicy",
-        "describe_policy",
+        "FunctionPolicy", "OpenAIPolicy", "Policy", "PolicyOutput", "SamplingParams",
+        "ScriptedPolicy", "TransformersPolicy", "describe_policy", "policy_from_spec",
+    ],
+    "genagent.policies.openai": ["OpenAIPolicy"],
+    "genagent.policies.transformers": ["LogitsProcessor", "PolicyStats", "TransformersPolicy"],
+    "genagent.testing": [
+        "QWEN_VL_CHAT_TEMPLATE", "ScriptedLogits", "qwen_tokenizer", "tiny_qwen2_5_vl",
     ],
     "genagent.rewards": [
         "CompositeReward", "PairwiseOutput", "PairwiseReward", "Reward", "RewardContext",

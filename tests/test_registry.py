@@ -78,9 +78,10 @@ def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unknown_names_list_the_known_ones_with_the_right_plural() -> None:
-    with pytest.raises(ConfigurationError, match="known policies: heuristic"):
+    # (other tests and doc examples may register more names: only the built-ins are checked)
+    with pytest.raises(ConfigurationError, match=r"known policies: .*heuristic"):
         registry.policies.create("nope")
-    with pytest.raises(ConfigurationError, match="known tools: scene"):
+    with pytest.raises(ConfigurationError, match=r"known tools: .*scene"):
         registry.tools.create("nope")
 
 

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import (
@@ -31,7 +32,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
@@ -1014,15 +1015,16 @@ def _resolve_policy(policy: Policy | None, tools: Mapping[str, Tool]) -> Policy:
                 "*, stop, sampling) method"
             )
         return policy
+    from genagent.policies._resolve import POLICY_ENV, default_policy, policy_from_spec
+
+    configured = os.environ.get(POLICY_ENV)
+    if configured:
+        return cast("Policy", policy_from_spec(configured))
     if all(type(t).__module__.startswith("genagent.sim") for t in tools.values()):
         from genagent.sim import HeuristicPolicy
 
         return HeuristicPolicy()
-    raise ConfigurationError(
-        "no policy given: pass policy=... (for example an OpenAI-compatible server or a local "
-        "transformers model serving the GenAgent weights). The simulator's HeuristicPolicy is "
-        "the default only with the simulator's tools."
-    )
+    return cast("Policy", default_policy())
 
 
 def _resolve_rewards(rewards: Mapping[str, Reward] | Sequence[Reward]) -> dict[str, Reward]:

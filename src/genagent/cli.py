@@ -158,7 +158,11 @@ def run(
     ] = "scene",
     policy: Annotated[
         str | None,
-        typer.Option(help="Policy by registry name (default: the simulator's with --tool scene)."),
+        typer.Option(
+            help="Policy: a registry name, an OpenAI-compatible server URL, or a model id or "
+            "folder (default: $GENAGENT_POLICY, else the simulator's with --tool scene, else "
+            "the GenAgent weights)."
+        ),
     ] = None,
     tool_arg: Annotated[
         list[str] | None, typer.Option(help="KEY=VALUE passed to the tool factory (repeatable).")
@@ -189,8 +193,10 @@ def run(
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
 
     tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
+    from genagent.policies import policy_from_spec
+
     chosen_policy = (
-        registry.policies.create(policy, **_parse_kv(policy_arg, "--policy-arg"))
+        policy_from_spec(policy, **_parse_kv(policy_arg, "--policy-arg"))
         if policy is not None
         else None
     )

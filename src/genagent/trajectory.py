@@ -132,11 +132,15 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from a cache (the previous turn's keys and values, or a server's
+    prefix cache) instead of being encoded again."""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
         )
 
     @property
@@ -380,6 +384,26 @@ class Trajectory(BaseModel):
                 break
             latest = record.image
         return latest
+
+    def token_prefix_breaks(self) -> list[int]:
+        """Turns whose prompt ids do not continue the previous turn's ids exactly.
+
+        Token-in/token-out: a turn's prompt ids must begin with the previous turn's prompt ids
+        followed by its output ids (what follows is the new observation). Turns without ids on
+        either side are not checked. An empty list means training can use the ids as they are.
+        """
+        breaks: list[int] = []
+        previous: Turn | None = None
+        for turn in self.turns:
+            if turn.interrupted or turn.prompt_ids is None:
+                previous = None
+                continue
+            if previous is not None and previous.output_ids is not None:
+                expected = [*(previous.prompt_ids or []), *previous.output_ids]
+                if turn.prompt_ids[: len(expected)] != expected:
+                    breaks.append(turn.index)
+            previous = turn
+        return breaks
 
     def to_messages(self) -> list[Message]:
         """The canonical conversation: system, user, assistant, tool responses, ...
