@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -41,3 +43,23 @@ def test_loop_overhead_reports_every_measure() -> None:
     ):
         assert results[key] > 0
     assert report["info"]["rounds"] == 4
+
+
+def test_policy_multiturn_reports_reuse_and_batching() -> None:
+    pytest.importorskip("torch")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "policy_multiturn.py"),
+            "--tokenizer", "byte", "--tokens", "4", "--repeat", "1", "--hidden", "32",
+            "--layers", "1", "--image-side", "112", "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert results["reuse_same_tokens"] is True and results["batched_same_tokens"] is True
+    assert results["reuse_prefill_tokens"] < results["full_prefill_prefill_tokens"]
+    assert results["batched_batches"] < results["one_at_a_time_batches"]

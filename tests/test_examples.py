@@ -20,8 +20,11 @@ EXPECTED = {
 }
 
 
+SERVED = {"vllm_policy.py"}  # need a policy server: run against a local one below
+
+
 def test_every_example_is_covered() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted([*EXPECTED, *SERVED])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -36,3 +39,40 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for text in EXPECTED[name]:
         assert text in result.stdout
+
+
+def test_vllm_policy_example_runs_against_an_openai_compatible_server(tmp_path: Path) -> None:
+    import json
+
+    from ._servers import Recorded, Reply, ScriptedServer
+
+    call = {"name": "image_generation_tool", "arguments": {"caption": "three red apples"}}
+
+    def reply(request: Recorded) -> Reply:
+        turns = sum(1 for m in request.body["messages"] if m["role"] == "assistant")
+        text = (
+            f"<think>Plan.</think><tool_call>{json.dumps(call)}"
+            if turns == 0
+            else "<judge>Right.</judge><answer>Three red apples.</answer>"
+        )
+        return Reply(
+            {
+                "model": "served",
+                "choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 50, "completion_tokens": 9},
+                "prompt_token_ids": [1, 2, 3],
+            }
+        )
+
+    with ScriptedServer() as server:
+        server.script("GET", "/v1/models", Reply({"data": [{"id": "served"}]}))
+        server.always("POST", "/v1/chat/completions", reply)
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "vllm_policy.py"), "three red apples",
+             "--base-url", f"{server.url}/v1", "--out", "run"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        requests = list(server.requests)
+    assert result.returncode == 0, result.stderr
+    assert "answered after 1 image(s)" in result.stdout and "saved to run" in result.stdout
+    assert requests[1].body["return_token_ids"] is True

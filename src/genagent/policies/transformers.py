@@ -131,16 +131,20 @@ class _Request:
 
 @dataclass
 class _Sequence:
-    """One request inside a batch: its prefill, then its decoding state."""
+    """One request inside a batch: what to prefill, then its decoding state."""
 
     request: _Request
     prompt_ids: list[int]
-    cache: Any
-    first_out_pos: int  # rope position of the first output token
-    logits: torch.Tensor  # next-token logits (1-D)
+    chunk: list[int]  # the prompt ids not in ``cache``
+    positions: torch.Tensor  # position ids of ``chunk``: (3, 1, n) for Qwen-VL, else (1, n)
+    pixel_values: torch.Tensor | None  # of the images in ``chunk``
+    grid: torch.Tensor | None
+    cache: Any  # this sequence's cache before the batch (None: empty), after it its own again
     cached_tokens: int
     n_images: int
     generator: torch.Generator | None
+    first_out_pos: int = 0  # rope position of the first output token
+    logits: torch.Tensor | None = None  # next-token logits after the prefill
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
@@ -420,7 +424,7 @@ class TransformersPolicy:
         with torch.inference_mode():
             for request in requests:
                 try:
-                    sequences.append(self._prefill(request))
+                    sequences.append(self._prepare(request))
                 except Exception as exc:
                     request.future.set_exception(_as_policy_error(exc, "preparing the prompt"))
             if not sequences:
@@ -428,7 +432,7 @@ class TransformersPolicy:
             self.stats.batches += 1
             self.stats.sequences += len(sequences)
             try:
-                self._decode(sequences)
+                self._generate(sequences)
             except Exception as exc:
                 for seq in sequences:
                     if not seq.request.future.done():
@@ -439,58 +443,48 @@ class TransformersPolicy:
 
     # ------------------------------------------------------------------ prefill
 
-    def _prefill(self, request: _Request) -> _Sequence:
+    def _prepare(self, request: _Request) -> _Sequence:
+        """Tokenise the request (continuing its conversation's ids when it can); no forward."""
         conversation, images = self._to_hf(request.messages)
         session, delta_text, new_images = self._continuation(request.messages, conversation, images)
         if session is not None and delta_text is not None:
             enc = self._encode(delta_text, new_images)
-            new_ids = enc["input_ids"][0].tolist()
-            prompt_ids = session.ids + new_ids
+            prompt_ids = session.ids + enc["input_ids"][0].tolist()
             if session.cache is not None:
                 chunk = prompt_ids[session.cache_len :]
                 start = session.next_pos - (len(session.ids) - session.cache_len)
-                cache = session.cache
-                cached = session.cache_len
-            else:
-                chunk, start, cache, cached = prompt_ids, 0, DynamicCache(), 0
+                cache, cached = session.cache, session.cache_len
+            else:  # same ids, encoded again from scratch
+                chunk, start, cache, cached = prompt_ids, 0, None, 0
                 enc = self._encode_ids_images(prompt_ids, images)
         else:
             text = self._render(conversation, add_generation_prompt=True)
             enc = self._encode(text, images)
             prompt_ids = enc["input_ids"][0].tolist()
-            chunk, start, cache, cached = prompt_ids, 0, DynamicCache(), 0
+            chunk, start, cache, cached = prompt_ids, 0, None, 0
         if self.max_positions is not None and len(prompt_ids) >= self.max_positions:
             raise PolicyError(
                 f"the prompt is {len(prompt_ids)} tokens, at or over the model's limit of "
                 f"{self.max_positions}; lower max_rounds or the image resolution"
             )
-        chunk_ids = torch.tensor([chunk], device=self.device)
         grid: Any = enc.get("image_grid_thw")
-        positions = self._positions(chunk_ids, grid, start)
-        inputs: dict[str, Any] = {
-            "input_ids": chunk_ids,
-            "position_ids": positions,
-            "cache": cache,
-            "use_cache": True,
-        }
-        if enc.get("pixel_values") is not None:
-            inputs["pixel_values"] = enc["pixel_values"].to(self.device, self.model.dtype)
-            inputs["image_grid_thw"] = grid.to(self.device)
-        logits = self.model(**inputs).logits[0, -1].float()
-        self.stats.prompt_tokens += len(prompt_ids)
-        self.stats.prefill_tokens += len(chunk)
+        positions = self._positions(torch.tensor([chunk], device=self.device), grid, start)
+        pixels = enc.get("pixel_values")
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(request.sampling.seed)
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
+            chunk=chunk,
+            positions=positions,
+            pixel_values=pixels.to(self.device, self.model.dtype) if pixels is not None else None,
+            grid=grid.to(self.device) if grid is not None else None,
             cache=cache,
-            first_out_pos=int(positions.max()) + 1,
-            logits=logits,
             cached_tokens=cached,
             n_images=len(images),
             generator=generator,
+            first_out_pos=int(positions.max()) + 1,
         )
 
     def _continuation(
@@ -598,52 +592,103 @@ class TransformersPolicy:
 
     # ------------------------------------------------------------------ decode
 
+    def _generate(self, sequences: list[_Sequence]) -> None:
+        """Prefill in groups of similar length, then decode every sequence as one batch."""
+        for group in _prefill_groups(sequences):
+            self._prefill(group)
+        self._decode(sequences)
+
+    def _prefill(self, group: list[_Sequence]) -> None:
+        """One forward over the group's new prompt tokens, on their cached turns.
+
+        Each row is its cached tokens (left-padded to the group's longest cache), then its new
+        prompt tokens (left-padded to the longest chunk). ``real`` marks a row's own positions;
+        the padding is masked out of attention and dropped from the cache each row gets back.
+        """
+        batch = len(group)
+        cached = [s.cache.get_seq_length() if s.cache is not None else 0 for s in group]
+        cache = _merge_caches([s.cache for s in group], cached, max(cached))
+        width = max(len(s.chunk) for s in group)
+        real = torch.zeros(batch, max(cached) + width, dtype=torch.bool, device=self.device)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long, device=self.device)
+        rows = []
+        for i, seq in enumerate(group):
+            n = len(seq.chunk)
+            real[i, max(cached) - cached[i] : max(cached)] = True
+            real[i, max(cached) + width - n :] = True
+            ids[i, width - n :] = torch.tensor(seq.chunk, device=self.device)
+            rows.append(torch.nn.functional.pad(seq.positions, (width - n, 0)))
+        positions = torch.cat(rows, dim=-2) if self._rope3d else torch.cat(rows, dim=0)
+        inputs: dict[str, Any] = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "attention_mask": real.long(),
+            "cache": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,  # only the next token's logits, not the whole prompt's
+        }
+        pixels = [s.pixel_values for s in group if s.pixel_values is not None]
+        if pixels:  # image features fill the image tokens in batch order
+            inputs["pixel_values"] = torch.cat(pixels)
+            inputs["image_grid_thw"] = torch.cat([s.grid for s in group if s.grid is not None])
+        logits = self.model(**inputs).logits[:, -1].float()
+        for i, seq in enumerate(group):
+            seq.logits = logits[i]
+            seq.cache = _row_cache(cache, i, real[i], len(seq.prompt_ids))
+            self.stats.prompt_tokens += len(seq.prompt_ids)
+            self.stats.prefill_tokens += len(seq.chunk)
+
     def _decode(self, sequences: list[_Sequence]) -> None:
-        """Sample until every sequence stops, as one left-padded batch."""
+        """Sample until every sequence stops, as one left-padded batch.
+
+        What a finished row is fed while the others go on is masked out (``real``) and dropped
+        from the cache each sequence gets back.
+        """
         batch = len(sequences)
-        lengths = [s.cache.get_seq_length() for s in sequences]
-        longest = max(lengths)
-        cache = _merge_caches([s.cache for s in sequences], lengths, longest)
-        mask = torch.zeros(batch, longest, dtype=torch.long, device=self.device)
+        lengths = [len(s.prompt_ids) for s in sequences]
+        cache = _merge_caches([s.cache for s in sequences], lengths, max(lengths))
+        real = torch.zeros(batch, max(lengths), dtype=torch.bool, device=self.device)
         for i, length in enumerate(lengths):
-            mask[i, longest - length :] = 1
+            real[i, max(lengths) - length :] = True
+        logits = torch.stack([s.logits for s in sequences if s.logits is not None])
         budgets = [self._budget(s) for s in sequences]
         stop_chars = max((len(t) for s in sequences for t in s.request.stop), default=0)
-        logits = torch.stack([s.logits for s in sequences])
         while True:
-            tokens, positions = [], []
+            tokens, step_positions, fed = [], [], []
             for i, seq in enumerate(sequences):
-                if seq.finished:  # a finished row feeds padding that nothing will read
+                if seq.finished:  # feeds padding that nothing will attend to
                     tokens.append(self.pad_id)
-                    positions.append(seq.first_out_pos)
+                    step_positions.append(seq.first_out_pos)
+                    fed.append(False)
                     continue
                 token, logprob = self._sample(seq, logits[i])
                 seq.output_ids.append(token)
                 seq.logprobs.append(logprob)
                 self._check_stop(seq, budgets[i], stop_chars)
                 tokens.append(token)
-                positions.append(seq.first_out_pos + len(seq.output_ids) - 1)
+                step_positions.append(seq.first_out_pos + len(seq.output_ids) - 1)
+                fed.append(True)
             if all(s.finished for s in sequences):
                 break
             step = torch.tensor(tokens, device=self.device).unsqueeze(1)
-            position_ids = torch.tensor(positions, device=self.device).view(batch, 1)
+            position_ids = torch.tensor(step_positions, device=self.device).view(batch, 1)
             if self._rope3d:
                 position_ids = position_ids.view(1, batch, 1).expand(3, batch, 1)
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=self.device)], 1)
+            real = torch.cat([real, torch.tensor(fed, device=self.device).unsqueeze(1)], 1)
             out = self.model(
                 input_ids=step,
                 position_ids=position_ids,
-                attention_mask=mask,
+                attention_mask=real.long(),
                 cache=cache,
                 use_cache=True,
             )
             self.stats.decode_steps += 1
             logits = out.logits[:, -1].float()
-        # hand each sequence its own cache back: drop the left padding, keep the real tokens
-        # (all but the last output token, which the next turn feeds first)
+        # each sequence gets its own cache back: its real tokens, all but the last output token
+        # (which the next turn feeds first)
         for i, seq in enumerate(sequences):
-            real = lengths[i] + len(seq.output_ids) - 1
-            seq.cache = _slice_cache(cache, i, longest - lengths[i], real)
+            keep = len(seq.prompt_ids) + len(seq.output_ids) - 1
+            seq.cache = _row_cache(cache, i, real[i], keep)
 
     @property
     def _rope3d(self) -> bool:
@@ -760,32 +805,57 @@ def _key(messages: Sequence[Message]) -> str:
     return digest.hexdigest()
 
 
+def _prefill_groups(sequences: list[_Sequence], waste: float = 1.25) -> list[list[_Sequence]]:
+    """Split a batch for prefill so that padding stays under ``waste`` x the real tokens.
+
+    A long new prompt and short continuations are prefilled apart: padding every continuation
+    to the long prompt would cost more than the extra forward.
+    """
+    groups: list[list[_Sequence]] = []
+    for seq in sorted(sequences, key=lambda s: len(s.chunk), reverse=True):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width = len(group[0].chunk)
+            tokens = sum(len(s.chunk) for s in group) + len(seq.chunk)
+            if width * (len(group) + 1) <= waste * tokens:
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
+
+
 def _merge_caches(caches: list[Any], lengths: list[int], longest: int) -> Any:
-    """One batch cache from per-sequence caches, left-padded with zeros to ``longest``."""
-    if len(caches) == 1:
-        return caches[0]
+    """One batch cache from per-sequence caches (``None``: empty), left-padded to ``longest``."""
+    if longest == 0:
+        return DynamicCache()
+    template = next(c for c, n in zip(caches, lengths, strict=True) if n)
     layers = []
-    for layer_idx in range(len(caches[0].layers)):
+    for layer_idx, reference in enumerate(template.layers):
         keys, values = [], []
         for cache, length in zip(caches, lengths, strict=True):
-            layer = cache.layers[layer_idx]
-            k, v = layer.keys, layer.values
+            if length:
+                k, v = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+            else:
+                k = reference.keys.new_zeros(
+                    (1, *reference.keys.shape[1:2], 0, reference.keys.shape[-1])
+                )
+                v = reference.values.new_zeros(
+                    (1, *reference.values.shape[1:2], 0, reference.values.shape[-1])
+                )
             pad = longest - length
-            if pad:
-                k = torch.nn.functional.pad(k, (0, 0, pad, 0))
-                v = torch.nn.functional.pad(v, (0, 0, pad, 0))
-            keys.append(k)
-            values.append(v)
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         layers.append((torch.cat(keys, 0), torch.cat(values, 0)))
     return DynamicCache(ddp_cache_data=layers)
 
 
-def _slice_cache(cache: Any, row: int, start: int, length: int) -> Any:
-    """Row ``row`` of a batch cache, positions ``start`` .. ``start + length``."""
+def _row_cache(cache: Any, row: int, real: torch.Tensor, keep: int) -> Any:
+    """Row ``row`` of a batch cache: its first ``keep`` real positions, as a cache of its own."""
+    index = torch.nonzero(real, as_tuple=True)[0][:keep]
     layers = [
         (
-            layer.keys[row : row + 1, :, start : start + length].clone(),
-            layer.values[row : row + 1, :, start : start + length].clone(),
+            layer.keys[row : row + 1].index_select(2, index),
+            layer.values[row : row + 1].index_select(2, index),
         )
         for layer in cache.layers
     ]
