@@ -142,3 +142,29 @@ def test_run_labels_the_simulator(tmp_path: Path) -> None:
     assert text.returncode == 0 and "SIMULATOR" in text.stdout
     data = genagent("run", "a cat", "--seed", "1", "--out", "u", "--json", cwd=tmp_path)
     assert json.loads(data.stdout)["simulator"] is True
+
+
+def test_run_takes_a_server_url_as_the_policy(tmp_path: Path) -> None:
+    from ._servers import Recorded, Reply, ScriptedServer
+
+    call = {"name": "image_generation_tool", "arguments": {"caption": "a red cup"}}
+
+    def reply(request: Recorded) -> Reply:
+        done = any(m["role"] == "assistant" for m in request.body["messages"])
+        text = (
+            "<judge>ok</judge><answer>a red cup</answer>"
+            if done
+            else (f"<tool_call>{json.dumps(call)}")
+        )
+        return Reply({"choices": [{"message": {"content": text}, "finish_reason": "stop"}]})
+
+    with ScriptedServer() as server:
+        server.script("GET", "/v1/models", Reply({"data": [{"id": "served"}]}))
+        server.always("POST", "/v1/chat/completions", reply)
+        result = genagent(
+            "run", "a red cup", "--policy", f"{server.url}/v1", "--out", "t", "--json",
+            cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["termination"] == "answered"
+    assert Trajectory.load(tmp_path / "t").metadata["policy"]["model"] == "served"

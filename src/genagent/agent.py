@@ -901,6 +901,9 @@ class _Run:
         traj.termination = termination
         traj.final_image_index = self.current
         traj.wall_s = self.agent.clock() - self.started
+        # described again at the end: a policy may only learn its model during the run (a
+        # server's model discovered from /v1/models, weights loaded on the first call)
+        traj.metadata["policy"] = _jsonable(describe_policy(self.agent.policy))
 
     async def _final_rewards(self) -> dict[str, RewardOutput]:
         traj = self.trajectory
