@@ -32,6 +32,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    query: str = ""
 
 
 Handler = Callable[[Recorded], Reply]
@@ -58,8 +59,8 @@ class ScriptedServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw
-                path = self.path.split("?", 1)[0]
-                request = Recorded(self.command, path, dict(self.headers), body)
+                path, _, query = self.path.partition("?")
+                request = Recorded(self.command, path, dict(self.headers), body, query)
                 with outer._lock:
                     outer.requests.append(request)
                     queue = outer.routes.get((self.command, path))

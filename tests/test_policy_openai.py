@@ -271,3 +271,131 @@ def test_an_agent_runs_against_the_server(server: ScriptedServer) -> None:
     }  # the stop-cut reply, closed by the protocol
     assert second[3]["content"][1]["type"] == "image_url"
     assert trajectory.turns[0].logprobs == [-0.5]
+
+
+# --------------------------------------------------------------------------- hostile servers
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["Mon, 99 Foo 2026 25:61:00 GMT", "soon", "nan", "inf", "-5"]
+)
+def test_an_unparseable_retry_after_falls_back_to_backoff(
+    server: ScriptedServer, retry_after: str
+) -> None:
+    server.script(
+        "POST", CHAT,
+        Reply({"error": "slow down"}, 429, headers={"Retry-After": retry_after}),
+        Reply(completion("fine")),
+    )  # fmt: skip
+    sleeps = Sleeps()
+    assert generate(policy_for(server, sleep=sleeps, backoff_s=1.0)).text == "fine"
+    assert len(sleeps.calls) == 1 and 0.0 <= sleeps.calls[0] <= 1.0
+
+
+def test_a_retry_after_date_is_a_wait_in_seconds(server: ScriptedServer) -> None:
+    import email.utils
+    import time
+
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    server.script(
+        "POST", CHAT,
+        Reply({"error": "slow down"}, 429, headers={"Retry-After": when}),
+        Reply(completion("fine")),
+    )  # fmt: skip
+    sleeps = Sleeps()
+    generate(policy_for(server, sleep=sleeps))
+    assert 25 <= sleeps.calls[0] <= 31
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": "40", "completion_tokens": -3},
+    {"prompt_tokens": 10**40, "completion_tokens": True,
+     "prompt_tokens_details": {"cached_tokens": 1.5}},
+    {"prompt_tokens": None, "completion_tokens": [], "prompt_tokens_details": "x"},
+])  # fmt: skip
+def test_hostile_usage_counts_read_as_zero_not_a_crash(
+    server: ScriptedServer, usage: dict[str, Any]
+) -> None:
+    body = completion("fine")
+    body["usage"] = usage
+    server.script("POST", CHAT, Reply(body))
+    out = generate(policy_for(server))
+    assert out.text == "fine"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_tokens) == (
+        0, 0, 0,
+    )  # fmt: skip
+
+
+def test_credentials_in_the_url_are_basic_auth_and_never_shown(server: ScriptedServer) -> None:
+    server.script("POST", CHAT, Reply("nope", 404))
+    host = server.url.removeprefix("http://")
+    policy = OpenAIPolicy(f"http://alice:s3cr%40t@{host}/v1", model="m", sleep=Sleeps())
+    with pytest.raises(PolicyError) as info:
+        generate(policy)
+    sent = server.requests[0].headers["Authorization"]
+    assert sent == "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    for text in (str(info.value), repr(policy), json.dumps(policy.describe())):
+        assert "s3cr" not in text and "alice" not in text
+
+
+def test_the_query_string_of_the_base_url_is_sent_with_every_request(
+    server: ScriptedServer,
+) -> None:
+    server.script("GET", "/v1/models", Reply({"data": [{"id": "m"}]}))
+    server.script("POST", CHAT, Reply(completion()))
+    policy = OpenAIPolicy(f"{server.url}/v1?api-version=2024-10-21", sleep=Sleeps())
+    generate(policy)
+    assert [(r.path, r.query) for r in server.requests] == [
+        ("/v1/models", "api-version=2024-10-21"),
+        (CHAT, "api-version=2024-10-21"),
+    ]
+    assert policy.base_url == f"{server.url}/v1"
+
+
+@pytest.mark.parametrize("status", [502, 520, 529])
+def test_every_transient_5xx_is_retried(server: ScriptedServer, status: int) -> None:
+    server.script("POST", CHAT, Reply("overloaded", status), Reply(completion("fine")))
+    assert generate(policy_for(server)).text == "fine"
+
+
+@pytest.mark.parametrize("status", [501, 505, 404, 422])
+def test_errors_that_retrying_cannot_fix_are_not_retried(
+    server: ScriptedServer, status: int
+) -> None:
+    server.script("POST", CHAT, Reply("no", status))
+    with pytest.raises(PolicyError, match=f"HTTP {status}"):
+        generate(policy_for(server))
+    assert len(server.requests) == 1
+
+
+def test_a_bad_base_url_is_a_configuration_error_that_hides_credentials() -> None:
+    from genagent import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="http\\(s\\) URL") as info:
+        OpenAIPolicy("ftp://bob:hunter2@example.test/v1")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="not a valid URL"):
+        OpenAIPolicy("http://127.0.0.1:99999999/v1")
+
+
+def test_the_image_cache_stays_within_its_byte_budget(
+    server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import genagent.policies.openai as module
+
+    server.always("POST", CHAT, lambda r: Reply(completion()))
+    policy = policy_for(server, max_image_side=None)
+    noise = Image.effect_noise((64, 64), 40).convert("RGB")
+    refs = []
+    for i in range(6):
+        image = noise.copy()
+        image.putpixel((0, 0), (i, i, i))
+        refs.append(MemoryImageStore().put(image))
+    size = len(policy._data_uri(refs[0]))  # each within a few bytes of the others
+    monkeypatch.setattr(module, "_IMAGE_CACHE_BYTES", int(size * 3.5))
+    policy = policy_for(server, max_image_side=None)
+    for ref in refs:
+        generate(policy, [Message.user("look", ref)])
+    assert policy._images_bytes <= size * 3.5 and len(policy._images) == 3
+    sent = server.requests[-1].body["messages"][0]["content"][1]["image_url"]["url"]
+    assert sent == refs[-1].to_data_uri()

@@ -106,6 +106,45 @@ def test_a_missing_checkpoint_says_what_to_try(tmp_path: Path) -> None:
         TransformersPolicy.from_pretrained(str(tmp_path / "nothing-here"), device="cpu")
 
 
+def test_a_corrupt_weights_file_is_a_configuration_error(checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(ConfigurationError, match="corrupt or partial download"):
+        TransformersPolicy.from_pretrained(str(broken), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda:7", "CUDA GPU"), ("tpu-ish", "not a torch device")],
+)
+def test_an_unusable_device_fails_before_loading(tmp_path: Path, device: str, message: str) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ConfigurationError, match=message):
+        TransformersPolicy.from_pretrained(str(tmp_path / "never-read"), device=device, lazy=True)
+
+
+def test_a_policy_spec_builds_the_right_policy_or_says_what_is_wrong(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from genagent.policies import OpenAIPolicy, policy_from_spec
+
+    local = policy_from_spec(str(checkpoint), max_batch_size=2)
+    assert isinstance(local, TransformersPolicy) and local.model is None  # lazy
+    assert isinstance(policy_from_spec("http://127.0.0.1:9/v1", max_retries=0), OpenAIPolicy)
+    with pytest.raises(ConfigurationError, match=r"It accepts: .*max_retries"):
+        policy_from_spec("http://127.0.0.1:9/v1", max_retrys=0)
+    with pytest.raises(ConfigurationError, match=r"It accepts: .*max_batch_size"):
+        policy_from_spec(str(checkpoint), max_batch=2)
+    monkeypatch.chdir(checkpoint.parent)
+    with pytest.raises(ConfigurationError, match=r"unknown policy 'heuristc'.*heuristic"):
+        policy_from_spec("heuristc")
+
+
 # --------------------------------------------------------------------------- one reply
 
 
@@ -309,3 +348,78 @@ def test_a_text_only_model_loads_and_refuses_images(tmp_path: Path) -> None:
     image = MemoryImageStore().put(Image.new("RGB", (8, 8)))
     with pytest.raises(PolicyError, match="no image processor"):
         asyncio.run(policy.generate([Message.user("look", image)], sampling=SHORT))
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+@pytest.fixture(scope="session")
+def byte_policy(tmp_path_factory: pytest.TempPathFactory) -> TransformersPolicy:
+    folder = tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-byte"), tokenizer="byte")
+    return TransformersPolicy.from_pretrained(str(folder), device="cpu")
+
+
+def test_identical_runs_all_continue_their_token_prefix(loaded: TransformersPolicy) -> None:
+    policy = fresh(loaded)
+    runs = draw_runs(policy, ["a red cup"] * 4, rounds=3)  # group rollouts: same prompt
+    for trajectory in runs:
+        assert trajectory.token_prefix_breaks() == []
+        assert all(t.usage.cached_tokens > 0 for t in trajectory.turns[1:])
+    assert policy.stats.session_misses == 0
+
+
+def test_a_closing_tag_added_by_the_agent_keeps_the_prefix_and_the_cache(
+    loaded: TransformersPolicy,
+) -> None:
+    # the model forgets </tool_call> and ends its turn: the agent closes the tag in the
+    # conversation, and the policy encodes that text after the generated ids
+    unclosed = '<tool_call>\n{"name": "image_generation_tool", "arguments": {"caption": "a cup"}}'
+    replies = [unclosed, "<judge>ok</judge><answer>a cup</answer>"]
+    policy = fresh(loaded, logits_processors=[ScriptedLogits(loaded.tokenizer, replies)])
+    agent = Agent(
+        tool=SceneTool(size=64), policy=policy, sampling=SamplingParams(max_new_tokens=80)
+    )
+    trajectory = agent.run("a cup", seed=1)
+    assert trajectory.turns[0].reply_suffix == "</tool_call>"
+    assert trajectory.termination is Termination.ANSWERED
+    assert trajectory.token_prefix_breaks() == []
+    assert trajectory.turns[1].usage.cached_tokens > 0
+
+
+def test_cancelling_a_call_stops_its_decoding(loaded: TransformersPolicy) -> None:
+    policy = fresh(loaded)
+
+    async def cancel_then_ask() -> Any:
+        long = asyncio.ensure_future(
+            policy.generate([Message.user("x")], sampling=SamplingParams(max_new_tokens=3000))
+        )
+        await asyncio.sleep(0.3)
+        long.cancel()
+        return await policy.generate([Message.user("y")], sampling=SamplingParams(max_new_tokens=2))
+
+    out = asyncio.run(cancel_then_ask())
+    assert out.output_ids is not None and len(out.output_ids) == 2
+    assert policy.stats.decode_steps < 1000  # the cancelled 3000-token call stopped early
+
+
+def test_a_stop_string_of_multi_byte_characters_is_found(byte_policy: TransformersPolicy) -> None:
+    reply = "これは日本です。そして続き"
+    policy = fresh(byte_policy, logits_processors=[ScriptedLogits(byte_policy.tokenizer, [reply])])
+    out = asyncio.run(
+        policy.generate(
+            [Message.user("x")], stop=["日本"], sampling=SamplingParams(max_new_tokens=80)
+        )
+    )
+    assert out.text == "これは日本" and out.stop == "日本"
+
+
+def test_generation_config_with_top_k_one_is_greedy(loaded: TransformersPolicy) -> None:
+    from transformers import GenerationConfig
+
+    policy = fresh(loaded)
+    policy.generation_defaults = GenerationConfig(do_sample=True, temperature=1.0, top_k=1)
+    outputs = {
+        tuple(asyncio.run(policy.generate([Message.user("z")], sampling=SHORT)).output_ids or [])
+        for _ in range(3)
+    }
+    assert len(outputs) == 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from genagent.errors import ConfigurationError
@@ -34,11 +37,19 @@ def policy_from_spec(spec: str, **kwargs: Any) -> Any:
     if spec.startswith(("http://", "https://")):
         from genagent.policies.openai import OpenAIPolicy
 
-        return OpenAIPolicy(base_url=spec, **kwargs)
+        return _call(OpenAIPolicy, "OpenAIPolicy", base_url=spec, **kwargs)
     from genagent import registry
 
     if spec in registry.policies:
         return registry.policies.create(spec, **kwargs)
+    if "/" not in spec and "\\" not in spec and not Path(spec).expanduser().exists():
+        known = ", ".join(sorted(registry.policies.names())) or "(none registered)"
+        raise ConfigurationError(
+            f"unknown policy {spec!r}: not a registered policy ({known}), not a server URL "
+            "(http://host:port/v1), and not a model id ('owner/name') or an existing folder. "
+            "For a Hugging Face id without an owner, use "
+            "TransformersPolicy.from_pretrained(...) directly."
+        )
     try:
         from genagent.policies.transformers import TransformersPolicy
     except ImportError as exc:
@@ -47,7 +58,39 @@ def policy_from_spec(spec: str, **kwargs: Any) -> Any:
             f"({exc.name or exc} is missing): `pip install 'genagent[local]'`; or set "
             f"{POLICY_ENV} to the URL of an OpenAI-compatible server"
         ) from exc
-    return TransformersPolicy.from_pretrained(spec, lazy=True, **kwargs)
+    return _call(
+        TransformersPolicy.from_pretrained, "TransformersPolicy", spec, lazy=True, **kwargs
+    )
+
+
+def _call(factory: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, with an unknown option named as a ConfigurationError."""
+    try:
+        inspect.signature(factory).bind(*args, **kwargs)
+        return factory(*args, **kwargs)
+    except TypeError as exc:
+        if "argument" not in str(exc):
+            raise
+        raise ConfigurationError(
+            f"bad options for {name}: {exc}. It accepts: {_accepted(factory, name)}"
+        ) from None
+
+
+def _accepted(factory: Callable[..., Any], name: str) -> str:
+    names = [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if name == "TransformersPolicy":
+        from genagent.policies.transformers import TransformersPolicy
+
+        names += [
+            p.name
+            for p in inspect.signature(TransformersPolicy).parameters.values()
+            if p.kind == p.KEYWORD_ONLY
+        ]
+    return ", ".join(sorted(set(names)))
 
 
 def default_policy() -> Any:

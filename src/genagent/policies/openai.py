@@ -14,6 +14,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -23,7 +24,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
@@ -37,7 +38,9 @@ __all__ = ["OpenAIPolicy"]
 
 logger = logging.getLogger("genagent.policies.openai")
 
-_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_RETRY_STATUS = frozenset({408, 409, 425, 429})
+_NOT_RETRIED_5XX = frozenset({501, 505})  # not implemented / HTTP version: retrying cannot help
+_IMAGE_CACHE_BYTES = 256 * 1024 * 1024
 _TOO_MANY_IMAGES = re.compile(r"at most \d+ image|limit_mm_per_prompt|too many images", re.I)
 
 
@@ -52,7 +55,9 @@ class OpenAIPolicy:
 
     Args:
         base_url: The server, e.g. ``"http://localhost:8000/v1"`` (``/v1`` is added to a bare
-            host) or ``"https://api.openai.com/v1"``.
+            host) or ``"https://api.openai.com/v1"``. A query string (e.g. Azure's
+            ``?api-version=...``) is sent with every request; credentials in the URL
+            (``https://user:pass@host/v1``) are sent as HTTP basic auth and never shown.
         model: The model name; discovered from ``GET /v1/models`` when omitted (the first one).
         api_key: The API key; default: the ``api_key_env`` environment variable, else none.
         api_key_env: Where to read the key from.
@@ -95,7 +100,7 @@ class OpenAIPolicy:
         name: str | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        self.base_url = _normalize_base_url(base_url)
+        self.base_url, self._params, self._auth = _split_base_url(base_url)
         self.model = model
         self._api_key = api_key if api_key is not None else os.environ.get(api_key_env)
         self.api_key_env = api_key_env
@@ -123,6 +128,7 @@ class OpenAIPolicy:
         ] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
         self._images: OrderedDict[tuple[str, int | None], str] = OrderedDict()
+        self._images_bytes = 0
 
     @property
     def name(self) -> str:
@@ -216,7 +222,9 @@ class OpenAIPolicy:
         for attempt in range(1, attempts + 1):
             try:
                 async with semaphore:
-                    response = await client.request(method, url, json=body)
+                    response = await client.request(
+                        method, url, json=body, params=self._params or None
+                    )
                 return self._decode(response, url)
             except _Retryable as exc:
                 if attempt == attempts:
@@ -244,7 +252,7 @@ class OpenAIPolicy:
     def _decode(self, response: httpx.Response, url: str) -> Any:
         status = response.status_code
         excerpt = _excerpt(response.text)
-        if status in _RETRY_STATUS:
+        if status in _RETRY_STATUS or (500 <= status < 600 and status not in _NOT_RETRIED_5XX):
             raise _Retryable(f"HTTP {status} from {url}: {excerpt}", _retry_after(response.headers))
         if status >= 400:
             if status == 400 and _TOO_MANY_IMAGES.search(response.text):
@@ -282,7 +290,10 @@ class OpenAIPolicy:
                 if self._api_key:
                     headers["Authorization"] = f"Bearer {self._api_key}"
                 client = httpx.AsyncClient(
-                    timeout=self.timeout, headers=headers, transport=self.transport
+                    timeout=self.timeout,
+                    headers=headers,
+                    transport=self.transport,
+                    auth=self._auth,
                 )
                 entry = (client, asyncio.Semaphore(self.max_concurrency))
                 self._clients[loop] = entry
@@ -320,9 +331,12 @@ class OpenAIPolicy:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
             uri = to_data_uri(encode_png(image), "image/png")
-        self._images[key] = uri
-        while len(self._images) > 256:
-            self._images.popitem(last=False)
+        if len(uri) <= _IMAGE_CACHE_BYTES // 2:  # an image over half the budget is sent uncached
+            self._images[key] = uri
+            self._images_bytes += len(uri)
+            while self._images_bytes > _IMAGE_CACHE_BYTES:
+                _, dropped = self._images.popitem(last=False)
+                self._images_bytes -= len(dropped)
         return uri
 
 
@@ -369,9 +383,9 @@ def _parse_completion(data: Any, stop: Sequence[str], url: str) -> PolicyOutput:
     usage_data: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
     details = usage_data.get("prompt_tokens_details")
     usage = Usage(
-        prompt_tokens=int(usage_data.get("prompt_tokens") or 0),
-        completion_tokens=int(usage_data.get("completion_tokens") or 0),
-        cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+        prompt_tokens=_count(usage_data.get("prompt_tokens")),
+        completion_tokens=_count(usage_data.get("completion_tokens")),
+        cached_tokens=_count(details.get("cached_tokens")) if isinstance(details, dict) else 0,
     )
     return PolicyOutput(
         text=text,
@@ -395,31 +409,65 @@ def _ints(value: Any) -> list[int] | None:
     return None
 
 
+def _count(value: Any) -> int:
+    """A token count from a server's ``usage``: a non-negative int, else 0 (never raises)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < 2**63:
+        return value
+    return 0
+
+
 def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``.
+
+    An unparseable or non-finite value is ignored (``None``: the policy's own backoff applies).
+    """
     value = headers.get("retry-after")
-    if value is None:
-        ms = headers.get("retry-after-ms")
-        try:
-            return float(ms) / 1000 if ms is not None else None
-        except ValueError:
-            return None
+    seconds: float | None
     try:
-        return float(value)
+        if value is None:
+            ms = headers.get("retry-after-ms")
+            seconds = float(ms) / 1000 if ms is not None else None
+        else:
+            try:
+                seconds = float(value)
+            except ValueError:
+                parsed = email.utils.parsedate_to_datetime(value)
+                seconds = parsed.timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _split_base_url(url: str) -> tuple[str, dict[str, str], httpx.BasicAuth | None]:
+    """``(base URL without credentials or query, query parameters, basic auth or None)``."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        port = parts.port
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(0.0, parsed.timestamp() - time.time())
-
-
-def _normalize_base_url(url: str) -> str:
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigurationError(f"base_url must be an http(s) URL, got {url!r}")
-    path = parts.path.rstrip("/")
-    if not path:
-        path = "/v1"
-    return f"{parts.scheme}://{parts.netloc}{path}"
+        raise ConfigurationError(
+            "base_url is not a valid URL; pass e.g. 'http://localhost:8000/v1'"
+        ) from None
+    if parts.scheme not in ("http", "https") or not host:
+        shown = f"{parts.scheme}://{host or ''}{parts.path}" if parts.scheme else "(not a URL)"
+        raise ConfigurationError(
+            f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {shown!r}"
+        )
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    path = parts.path.rstrip("/") or "/v1"
+    auth = None
+    if parts.username is not None or parts.password is not None:
+        auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return f"{parts.scheme}://{netloc}{path}", params, auth
 
 
 def _excerpt(text: str, limit: int = 200) -> str:

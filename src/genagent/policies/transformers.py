@@ -99,6 +99,9 @@ class PolicyStats:
         prompt_tokens: Prompt tokens of all calls.
         prefill_tokens: Prompt tokens actually encoded (the rest came from cached turns).
         decode_steps: Forward passes while decoding (one per batch step).
+        session_misses: Calls continuing a conversation whose previous turn was not cached
+            (evicted, or a history changed by a hook): encoded from scratch, so their prompt
+            ids may not extend the previous turn's.
     """
 
     batches: int = 0
@@ -106,6 +109,7 @@ class PolicyStats:
     prompt_tokens: int = 0
     prefill_tokens: int = 0
     decode_steps: int = 0
+    session_misses: int = 0  # continued conversations that had to be encoded from scratch
 
 
 @dataclass
@@ -118,6 +122,7 @@ class _Session:
     next_pos: int  # rope position after ids
     n_images: int
     end_text: str  # text of a trailing special token the model generated (EOS), if any
+    reply: str = ""  # the reply text as returned
 
 
 @dataclass
@@ -127,6 +132,17 @@ class _Request:
     sampling: SamplingParams
     future: concurrent.futures.Future[PolicyOutput]
     submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # the caller stopped waiting: stop decoding it
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """The sampling a request gets, the model's generation_config filling what it leaves unset."""
+
+    temperature: float  # 0: greedy
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float | None
 
 
 @dataclass
@@ -144,6 +160,7 @@ class _Sequence:
     n_images: int
     generator: torch.Generator | None
     first_out_pos: int = 0  # rope position of the first output token
+    sampling: _Sampling = _Sampling(0.0, None, None, None)
     logits: torch.Tensor | None = None  # next-token logits after the prefill
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -202,7 +219,8 @@ class TransformersPolicy:
         self.batch_wait_s = batch_wait_s
         self.max_sessions = max_sessions
         self.logits_processors = list(logits_processors)
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        # sessions by the messages their reply answered (several replies: runs, branches)
+        self._sessions: OrderedDict[str, list[_Session]] = OrderedDict()
         self.stats = PolicyStats()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -279,12 +297,23 @@ class TransformersPolicy:
                 loaded_processor = processor or _load_processor(
                     model_id_or_path, subfolder, common, model.config
                 )
-            except (OSError, ValueError, ImportError) as exc:
+            except ConfigurationError:
+                raise
+            except Exception as exc:  # OSError, ValueError, SafetensorError, ... from loaders
                 raise ConfigurationError(
-                    f"cannot load {model_id_or_path!r}: {exc}. Check the id or path; for gated "
-                    "weights run `huggingface-cli login`; offline, point at a local folder."
+                    f"cannot load {model_id_or_path!r}: {type(exc).__name__}: {exc}. Check the "
+                    "id or path (a corrupt or partial download: delete it and download again); "
+                    "for gated weights run `huggingface-cli login`; offline, point at a local "
+                    "folder."
                 ) from exc
-            model.to(resolved_device)
+            try:
+                model.to(resolved_device)
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"cannot move {model_id_or_path!r} to {resolved_device}: "
+                    f"{type(exc).__name__}: {exc}. Pick another device=..., or a smaller "
+                    "dtype=... (e.g. 'bfloat16')."
+                ) from exc
             model.eval()
             return model, loaded_processor
 
@@ -360,7 +389,11 @@ class TransformersPolicy:
         )
         self._start_worker()
         self._queue.put(request)
-        return await asyncio.wrap_future(request.future)
+        try:
+            return await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.cancelled = True  # the worker stops decoding it at the next step
+            raise
 
     def describe(self) -> dict[str, Any]:
         """Metadata for trajectories."""
@@ -447,21 +480,24 @@ class TransformersPolicy:
 
     def _prepare(self, request: _Request) -> _Sequence:
         """Tokenise the request (continuing its conversation's ids when it can); no forward."""
-        conversation, images = self._to_hf(request.messages)
-        session, delta_text, new_images = self._continuation(request.messages, conversation, images)
+        conversation, refs = self._to_hf(request.messages)
+        session, delta_text = self._continuation(request.messages, conversation)
         if session is not None and delta_text is not None:
+            new_images = _decode_images(refs[session.n_images :])
             enc = self._encode(delta_text, new_images)
             prompt_ids = session.ids + enc["input_ids"][0].tolist()
             if session.cache is not None:
                 chunk = prompt_ids[session.cache_len :]
                 start = session.next_pos - (len(session.ids) - session.cache_len)
                 cache, cached = session.cache, session.cache_len
-            else:  # same ids, encoded again from scratch
+            else:  # the same ids, encoded again from scratch
                 chunk, start, cache, cached = prompt_ids, 0, None, 0
-                enc = self._encode_ids_images(prompt_ids, images)
+                enc = self._encode_ids_images(prompt_ids, _decode_images(refs))
         else:
+            if any(m.role == "assistant" for m in request.messages):
+                self.stats.session_misses += 1
             text = self._render(conversation, add_generation_prompt=True)
-            enc = self._encode(text, images)
+            enc = self._encode(text, _decode_images(refs))
             prompt_ids = enc["input_ids"][0].tolist()
             chunk, start, cache, cached = prompt_ids, 0, None, 0
         if self.max_positions is not None and len(prompt_ids) >= self.max_positions:
@@ -484,27 +520,35 @@ class TransformersPolicy:
             grid=grid.to(self.device) if grid is not None else None,
             cache=cache,
             cached_tokens=cached,
-            n_images=len(images),
+            n_images=len(refs),
             generator=generator,
             first_out_pos=int(positions.max()) + 1,
+            sampling=self._effective_sampling(request.sampling),
         )
 
     def _continuation(
-        self, messages: list[Message], conversation: list[dict[str, Any]], images: list[Any]
-    ) -> tuple[_Session | None, str | None, list[Any]]:
-        """The session this call continues, and the text and images that follow its ids.
+        self, messages: list[Message], conversation: list[dict[str, Any]]
+    ) -> tuple[_Session | None, str | None]:
+        """The session this call continues, and the text that follows its ids.
 
-        The previous reply is rendered as a placeholder, so the text that follows it (the
-        template's closing tokens and the new messages) is found even when the template
-        rewrites replies (e.g. strips reasoning from past turns): the previous turn's ids are
-        kept exactly as generated either way.
+        Sessions are found by the messages the previous reply answered, and the reply in the
+        conversation must start with what was generated: text the agent appended (a closing tag
+        the model left open) is encoded as part of the new chunk. The previous reply is rendered
+        as a placeholder, so what follows it is found even when the template rewrites replies
+        (e.g. strips reasoning from past turns): the previous turn's ids are kept exactly as
+        generated either way. A session is kept after use (its cache is copied, never
+        modified), so several continuations of one turn (identical runs, branches) all reuse it.
         """
         last_reply = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
         if last_reply < 0 or self.max_sessions == 0:
-            return None, None, images
-        session = self._sessions.pop(_key(messages[: last_reply + 1]), None)
-        if session is None:
-            return None, None, images
+            return None, None
+        reply = messages[last_reply].text
+        key = _key(messages[:last_reply])
+        candidates = [s for s in self._sessions.get(key, []) if reply.startswith(s.reply)]
+        if not candidates:
+            return None, None
+        session = max(candidates, key=lambda s: len(s.reply))
+        self._sessions.move_to_end(key)
         placeholder = [
             *conversation[:last_reply],
             {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]},
@@ -519,13 +563,14 @@ class TransformersPolicy:
                 "the chat template does not extend the previous turn; prefilling again (this "
                 "turn's prompt ids will not start with the previous turn's ids)"
             )
-            return None, None, images
+            return None, None
         closing = before[at + len(_SENTINEL) :]
-        if session.end_text and closing.startswith(session.end_text):
+        appended = reply[len(session.reply) :]  # e.g. a closing tag the agent added
+        if not appended and session.end_text and closing.startswith(session.end_text):
             closing = closing[len(session.end_text) :]
         if not self.reuse_kv:
-            session.cache = None
-        return session, closing + after[len(before) :], images[session.n_images :]
+            session = _Session(**{**vars(session), "cache": None})
+        return session, appended + closing + after[len(before) :]
 
     def _encode(self, text: str, images: Sequence[Any]) -> dict[str, Any]:
         if images:
@@ -567,8 +612,9 @@ class TransformersPolicy:
         return torch.arange(start, start + length, device=self.device).unsqueeze(0)
 
     def _to_hf(self, messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The conversation in the chat-template format, and its image references in order."""
         conversation: list[dict[str, Any]] = []
-        images: list[Any] = []
+        refs: list[Any] = []
         for message in messages:
             content: list[dict[str, Any]] = []
             for part in message.content:
@@ -576,9 +622,9 @@ class TransformersPolicy:
                     content.append({"type": "text", "text": part.text})
                 else:
                     content.append({"type": "image"})
-                    images.append(part.image.open().convert("RGB"))
+                    refs.append(part.image)
             conversation.append({"role": message.role, "content": content})
-        return conversation, images
+        return conversation, refs
 
     def _render(self, conversation: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
         renderer = self.processor if self.is_vision else self.tokenizer
@@ -654,11 +700,20 @@ class TransformersPolicy:
             real[i, max(lengths) - length :] = True
         logits = torch.stack([s.logits for s in sequences if s.logits is not None])
         budgets = [self._budget(s) for s in sequences]
-        stop_chars = max((len(t) for s in sequences for t in s.request.stop), default=0)
+        # a token holds at least one byte: this many tokens always cover a stop string
+        stop_chars = max(
+            (len(t.encode("utf-8")) for s in sequences for t in s.request.stop), default=0
+        )
         while True:
             tokens, step_positions, fed = [], [], []
             for i, seq in enumerate(sequences):
                 if seq.finished:  # feeds padding that nothing will attend to
+                    tokens.append(self.pad_id)
+                    step_positions.append(seq.first_out_pos)
+                    fed.append(False)
+                    continue
+                if seq.request.cancelled:
+                    seq.finished, seq.finish_reason = True, "cancelled"
                     tokens.append(self.pad_id)
                     step_positions.append(seq.first_out_pos)
                     fed.append(False)
@@ -703,7 +758,7 @@ class TransformersPolicy:
         return max(1, budget)
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> tuple[int, float]:
-        sampling = seq.request.sampling
+        sampling = seq.sampling
         for processor in self.logits_processors:
             logits = processor(seq.prompt_ids, seq.output_ids, logits)
         if self.suppress_ids:
@@ -717,23 +772,35 @@ class TransformersPolicy:
             picked = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-        temperature = self._temperature(sampling)
-        if temperature == 0.0:
+        if sampling.temperature == 0.0:
             token = int(torch.argmax(logits))
             return token, float(torch.log_softmax(logits, -1)[token])
-        scaled = logits / temperature
+        scaled = logits / sampling.temperature
         logprobs = torch.log_softmax(scaled, -1)
         probs = _truncate(scaled, sampling.top_k, sampling.top_p)
         token = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
         return token, float(logprobs[token])
 
-    def _temperature(self, sampling: SamplingParams) -> float:
-        if sampling.temperature is not None:
-            return sampling.temperature
+    def _effective_sampling(self, sampling: SamplingParams) -> _Sampling:
+        """The request's settings; with ``temperature=None``, the model's generation_config.
+
+        ``top_k=1`` is greedy, as it is in transformers.
+        """
         defaults = self.generation_defaults
-        if defaults is not None and getattr(defaults, "do_sample", False):
-            return float(getattr(defaults, "temperature", 1.0) or 1.0)
-        return 0.0
+        top_k, top_p, penalty = sampling.top_k, sampling.top_p, sampling.repetition_penalty
+        if sampling.temperature is not None:
+            temperature = sampling.temperature
+        elif defaults is not None and getattr(defaults, "do_sample", False):
+            temperature = float(getattr(defaults, "temperature", None) or 1.0)
+            top_k = top_k if top_k is not None else getattr(defaults, "top_k", None)
+            top_p = top_p if top_p is not None else getattr(defaults, "top_p", None)
+            if penalty is None:
+                penalty = getattr(defaults, "repetition_penalty", None)
+        else:
+            temperature = 0.0
+        if top_k == 1:
+            temperature = 0.0
+        return _Sampling(temperature, top_k, top_p, penalty)
 
     def _check_stop(self, seq: _Sequence, budget: int, stop_chars: int) -> None:
         token = seq.output_ids[-1]
@@ -762,18 +829,25 @@ class TransformersPolicy:
             if ends_with_eos
             else ""
         )
-        messages = [*seq.request.messages, Message.assistant(text)]
-        if self.max_sessions > 0:
-            self._sessions[_key(messages)] = _Session(
+        if self.max_sessions > 0 and not seq.request.cancelled:
+            session = _Session(
                 ids=seq.prompt_ids + seq.output_ids,
                 cache=seq.cache if self.reuse_kv else None,
                 cache_len=len(seq.prompt_ids) + len(seq.output_ids) - 1,
                 next_pos=seq.first_out_pos + len(seq.output_ids),
                 n_images=seq.n_images,
                 end_text=end_text,
+                reply=text,
             )
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            key = _key(seq.request.messages)
+            siblings = self._sessions.setdefault(key, [])
+            siblings[:] = [s for s in siblings if s.reply != text] + [session]
+            self._sessions.move_to_end(key)
+            while sum(len(v) for v in self._sessions.values()) > self.max_sessions:
+                oldest = next(iter(self._sessions))
+                self._sessions[oldest].pop(0)
+                if not self._sessions[oldest]:
+                    del self._sessions[oldest]
         return PolicyOutput(
             text=text,
             stop=seq.stop,
@@ -792,6 +866,10 @@ class TransformersPolicy:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _decode_images(refs: Sequence[Any]) -> list[Any]:
+    return [ref.open().convert("RGB") for ref in refs]
 
 
 def _key(messages: Sequence[Message]) -> str:
@@ -882,7 +960,32 @@ def _truncate(scaled: torch.Tensor, top_k: int | None, top_p: float | None) -> t
 
 
 def _pick_device(device: str | None) -> str:
+    """The device to load on; an unusable explicit choice fails now, before any download."""
     if device is not None:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigurationError(
+                f"device={device!r} is not a torch device; use 'cuda', 'cuda:1', 'mps' or 'cpu'"
+            ) from exc
+        if parsed.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigurationError(
+                    f"device={device!r} but this torch sees no CUDA GPU (torch "
+                    f"{torch.__version__}); install a CUDA build of torch or use device='cpu'"
+                )
+            if parsed.index is not None and parsed.index >= count:
+                raise ConfigurationError(
+                    f"device={device!r} but only {count} CUDA GPU(s) are visible "
+                    f"(cuda:0..cuda:{count - 1}); check CUDA_VISIBLE_DEVICES"
+                )
+        elif parsed.type == "mps" and not (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        ):
+            raise ConfigurationError(
+                f"device={device!r} but MPS is not available here; use device='cpu'"
+            )
         return device
     if torch.cuda.is_available():
         return "cuda"
