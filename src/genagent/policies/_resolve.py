@@ -29,7 +29,9 @@ def policy_from_spec(spec: str, **kwargs: Any) -> Any:
       call) by :class:`~genagent.policies.TransformersPolicy`.
 
     Raises:
-        ConfigurationError: If the spec is empty, or the backend it needs is not installed.
+        ConfigurationError: If the spec is empty or names nothing known (a bare word that is
+            neither a registered policy nor an existing folder), an option is not accepted by
+            the policy it selects, or the backend it needs is not installed.
     """
     spec = spec.strip()
     if not spec:
@@ -58,9 +60,8 @@ def policy_from_spec(spec: str, **kwargs: Any) -> Any:
             f"({exc.name or exc} is missing): `pip install 'genagent[local]'`; or set "
             f"{POLICY_ENV} to the URL of an OpenAI-compatible server"
         ) from exc
-    return _call(
-        TransformersPolicy.from_pretrained, "TransformersPolicy", spec, lazy=True, **kwargs
-    )
+    kwargs.setdefault("lazy", True)
+    return _call(TransformersPolicy.from_pretrained, "TransformersPolicy", spec, **kwargs)
 
 
 def _call(factory: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
