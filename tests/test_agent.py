@@ -962,6 +962,16 @@ def test_genagent_policy_selects_the_default_policy(monkeypatch: pytest.MonkeyPa
     assert Agent(Paint()).policy.name == "heuristic"
 
 
+def test_a_policy_can_be_given_as_a_spec_string() -> None:
+    from genagent.policies import OpenAIPolicy
+
+    agent = Agent(Paint(), policy="http://127.0.0.1:9/v1")
+    assert isinstance(agent.policy, OpenAIPolicy) and agent.policy.base_url.endswith(":9/v1")
+    assert Agent(Paint(), policy="heuristic").policy.name == "heuristic"
+    with pytest.raises(ConfigurationError, match="unknown policy 'nope'"):
+        Agent(Paint(), policy="nope")
+
+
 def test_agent_accepts_tools_keyword_for_several_tools() -> None:
     agent = Agent(tools=[Paint(), Recolour()], policy=ScriptedPolicy([]))
     assert list(agent.tools) == ["image_generation_tool", "image_editing_tool"]

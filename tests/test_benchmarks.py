@@ -63,3 +63,22 @@ def test_policy_multiturn_reports_reuse_and_batching() -> None:
     assert results["reuse_same_tokens"] is True and results["batched_same_tokens"] is True
     assert results["reuse_prefill_tokens"] < results["full_prefill_prefill_tokens"]
     assert results["batched_batches"] < results["one_at_a_time_batches"]
+
+
+def test_diffusers_batching_reports_throughput_and_image_equality() -> None:
+    pytest.importorskip("diffusers")
+    result = subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "diffusers_batching.py"),
+            "--runs", "3", "--size", "16", "--steps", "2", "--repeat", "1", "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert results["one_at_a_time_pipeline_calls"] == 3
+    assert 1 <= results["micro_batched_pipeline_calls"] <= 3
+    assert results["max_pixel_diff"] <= 1 and results["values_compared"] == 3 * 16 * 16 * 3
+    assert results["throughput_ratio"] > 0

@@ -168,3 +168,40 @@ def test_run_takes_a_server_url_as_the_policy(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["termination"] == "answered"
     assert Trajectory.load(tmp_path / "t").metadata["policy"]["model"] == "served"
+
+
+def test_run_drives_a_local_flux_folder_with_tool_args(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    from genagent.testing import tiny_diffusers_pipeline
+
+    from ._servers import Recorded, Reply, ScriptedServer
+
+    folder = tiny_diffusers_pipeline("flux", tmp_path / "flux")
+    call = {"name": "image_generation_tool", "arguments": {"caption": "a red cup"}}
+
+    def reply(request: Recorded) -> Reply:
+        done = any(m["role"] == "assistant" for m in request.body["messages"])
+        text = (
+            "<judge>ok</judge><answer>a red cup</answer>"
+            if done
+            else (f"<tool_call>{json.dumps(call)}")
+        )
+        return Reply({"choices": [{"message": {"content": text}, "finish_reason": "stop"}]})
+
+    with ScriptedServer() as server:
+        server.script("GET", "/v1/models", Reply({"data": [{"id": "served"}]}))
+        server.always("POST", "/v1/chat/completions", reply)
+        result = genagent(
+            "run", "a red cup", "--tool", "flux", "--tool-arg", f"model={json.dumps(str(folder))}",
+            "--tool-arg", "width=32", "--tool-arg", "height=32", "--tool-arg", "steps=2",
+            "--tool-arg", "max_sequence_length=32", "--tool-arg", 'device="cpu"',
+            "--policy", f"{server.url}/v1", "--out", "t", "--json", "--seed", "3",
+            cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trajectory = Trajectory.load(tmp_path / "t")
+    assert trajectory.termination.value == "answered"
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None and outcome.metadata["pipeline"] == "FluxPipeline"
+    assert trajectory.final_image is not None and trajectory.final_image.size == (32, 32)
+    assert trajectory.metadata["tools"][0]["family"] == "flux-dev"

@@ -17,6 +17,12 @@ EXPECTED = {
     ],
     "custom_reward.py": ["candidate scores", "kept #", "final scene score"],
     "hooks_and_batches.py": ["24 runs", "refused calls"],
+    "local_generator.py": [
+        "tiny random FLUX pipeline",
+        "answered: 'three red apples left of a blue cup' seeds=[0]",
+        "4 runs, 4 tool calls in",
+        "same seed, same image: True",
+    ],
 }
 
 

@@ -27,8 +27,10 @@ PUBLIC = {
         "__version__", "reward", "tool",
     ],
     "genagent.tools": [
-        "EditArgs", "EditTool", "GenerationArgs", "GenerationTool", "Tool", "ToolContext",
-        "ToolProgress", "ToolResult", "tool",
+        "BatcherStats", "DiffusersEditTool", "DiffusersTool", "EditArgs", "EditTool", "Family",
+        "FluxKontextTool", "FluxTool", "GenerationArgs", "GenerationSettings", "GenerationTool",
+        "Lora", "MicroBatcher", "QwenImageEditTool", "QwenImageTool", "SD3Tool", "SDXLTool",
+        "Tool", "ToolContext", "ToolProgress", "ToolResult", "tool",
     ],
     "genagent.policies": [
         "FunctionPolicy", "OpenAIPolicy", "Policy", "PolicyOutput", "SamplingParams",
@@ -37,7 +39,8 @@ PUBLIC = {
     "genagent.policies.openai": ["OpenAIPolicy"],
     "genagent.policies.transformers": ["LogitsProcessor", "PolicyStats", "TransformersPolicy"],
     "genagent.testing": [
-        "QWEN_VL_CHAT_TEMPLATE", "ScriptedLogits", "qwen_tokenizer", "tiny_qwen2_5_vl",
+        "QWEN_VL_CHAT_TEMPLATE", "TINY_PIPELINES", "ScriptedLogits", "qwen_tokenizer",
+        "tiny_diffusers_pipeline", "tiny_flux_lora", "tiny_qwen2_5_vl",
     ],
     "genagent.rewards": [
         "CompositeReward", "PairwiseOutput", "PairwiseReward", "Reward", "RewardContext",

@@ -138,8 +138,10 @@ class Agent:
         tool: The tool, or a list of tools (e.g. a generator and an editor). Default: the
             offline simulator's tools (``SceneTool`` and ``SceneEditTool``).
         tools: Alternative spelling of ``tool`` for several tools.
-        policy: The policy. Default: the simulator's ``HeuristicPolicy`` when every tool is a
-            simulator tool; otherwise a policy must be given.
+        policy: The policy, or a spec string as ``GENAGENT_POLICY`` takes it (a server URL, a
+            registry name, a model id or folder). Default: ``$GENAGENT_POLICY``, else the
+            simulator's ``HeuristicPolicy`` when every tool is a simulator tool, else the
+            GenAgent weights.
         protocol: The reply protocol (default: :class:`~genagent.protocol.GenAgentProtocol`).
         max_rounds: Most images (tool calls that produce images) per run.
         max_turns: Most policy calls per run (default ``2 * max_rounds + 2``).
@@ -176,7 +178,7 @@ class Agent:
         tool: Tool | Sequence[Tool] | None = None,
         *,
         tools: Sequence[Tool] | None = None,
-        policy: Policy | None = None,
+        policy: Policy | str | None = None,
         protocol: ReplyProtocol | None = None,
         max_rounds: int = 3,
         max_turns: int | None = None,
@@ -771,6 +773,7 @@ class _Run:
                 round=round_,
                 num_images=len(chunk),
                 seeds=chunk,
+                seed_policy=agent.seed_policy,
                 images=tuple(self.trajectory.images),
                 current_image=current,
                 deadline=self.ctx.deadline,
@@ -1010,7 +1013,11 @@ def _resolve_tools(
     return resolved
 
 
-def _resolve_policy(policy: Policy | None, tools: Mapping[str, Tool]) -> Policy:
+def _resolve_policy(policy: Policy | str | None, tools: Mapping[str, Tool]) -> Policy:
+    if isinstance(policy, str):
+        from genagent.policies._resolve import policy_from_spec
+
+        return cast("Policy", policy_from_spec(policy))
     if policy is not None:
         if not callable(getattr(policy, "generate", None)):
             raise ConfigurationError(

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -290,7 +291,8 @@ def list_entries() -> None:
         table.add_column("name")
         table.add_column("description")
         for entry in reg.entries():
-            table.add_row(entry.name, entry.description)
+            # descriptions are plain text: "FLUX.1 [dev]" is not rich markup
+            table.add_row(escape(entry.name), escape(entry.description))
         console.print(table)
 
 

@@ -205,6 +205,19 @@ tools.register(
     "genagent.sim:SceneTool",
     description="simulator: SceneTool only (GenAgent v1: generation tool only)",
 )
+for _name, _target, _description in (
+    ("flux", "FluxTool", "FLUX.1 [dev], 28 steps (diffusers; model=... for other weights)"),
+    ("flux-schnell", "_families:flux_schnell", "FLUX.1 [schnell], 4 steps (diffusers)"),
+    ("flux-turbo", "_families:flux_turbo", "FLUX.1 [dev] + Turbo-Alpha LoRA, 8 steps (diffusers)"),
+    ("flux+kontext", "_families:flux_and_kontext", "FLUX.1 [dev] + FLUX.1 Kontext editing"),
+    ("sd3", "SD3Tool", "Stable Diffusion 3.5 Large (diffusers)"),
+    ("sdxl", "SDXLTool", "Stable Diffusion XL base 1.0 (diffusers)"),
+    ("qwen-image", "QwenImageTool", "Qwen-Image (diffusers)"),
+    ("qwen-image+edit", "_families:qwen_image_and_edit", "Qwen-Image + Qwen-Image-Edit"),
+    ("diffusers", "DiffusersTool", "any diffusers text-to-image pipeline: model=<id or folder>"),
+):
+    _module = "genagent.tools" + ("." if ":" in _target else ":")
+    tools.register(_name, _module + _target, description=_description)
 rewards.register(
     "scene",
     "genagent.sim:SceneJudge",

@@ -4,7 +4,8 @@
 (random weights) and saves it with its processor, so that tests exercise the real loading path
 (``TransformersPolicy.from_pretrained``) without downloading anything. ``ScriptedLogits`` makes
 such a model emit given replies, token by token, through the normal sampling path. Needs the
-``[local]`` extra (torch and transformers).
+``[local]`` extra (torch and transformers). ``tiny_diffusers_pipeline`` builds tiny real
+diffusers pipelines the same way (``[diffusers]`` extra).
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QWEN_VL_CHAT_TEMPLATE", "ScriptedLogits", "qwen_tokenizer", "tiny_qwen2_5_vl"]
+__all__ = [
+    "QWEN_VL_CHAT_TEMPLATE",
+    "TINY_PIPELINES",
+    "ScriptedLogits",
+    "qwen_tokenizer",
+    "tiny_diffusers_pipeline",
+    "tiny_flux_lora",
+    "tiny_qwen2_5_vl",
+]
+
+TINY_PIPELINES = ("flux", "flux-kontext", "qwen-image", "qwen-image-edit", "sd", "sd3", "sdxl")
+"""The families :func:`tiny_diffusers_pipeline` builds."""
 
 QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
@@ -268,3 +280,51 @@ def _count(ids: Sequence[int], pattern: Sequence[int]) -> int:
     return sum(
         1 for i in range(n - k + 1) if ids[i] == first and list(ids[i : i + k]) == list(pattern)
     )
+
+
+def tiny_diffusers_pipeline(
+    kind: str, folder: str | os.PathLike[str] | None = None, *, seed: int = 0
+) -> Any:
+    """A tiny, real diffusers pipeline of one family, with random weights, built offline.
+
+    Every component is the real class (transformer or UNet, VAE, text encoders, tokenizers,
+    scheduler) with a tiny config, in eval mode; a 2-step call at 32-64 px takes milliseconds
+    on a CPU. With ``folder``, the pipeline is saved there with ``save_pretrained`` and the
+    folder is returned, for tests of the real loading path (``FluxTool(folder)``).
+
+    Args:
+        kind: One of :data:`TINY_PIPELINES`: ``"flux"``, ``"flux-kontext"``, ``"sd"`` (SD 1.x,
+            no safety checker), ``"sd3"``, ``"sdxl"``, ``"qwen-image"``, ``"qwen-image-edit"``.
+        folder: Where to save it (optional).
+        seed: Seed of the random weights.
+
+    Returns:
+        The pipeline, or the folder it was saved to.
+
+    Note:
+        Sizes: FLUX and SD3 take multiples of 2 px, SD, SDXL and Qwen-Image multiples of 8,
+        Qwen-Image-Edit multiples of 32 (its pipeline always encodes the input at about
+        1024x1024 px, so one call takes ~0.25 s). FLUX Kontext resizes to ``max_area``: pass
+        ``max_area=width * height`` and ``_auto_resize=False`` for tiny sizes.
+    """
+    from genagent._tiny_diffusers import tiny_pipeline
+
+    pipe = tiny_pipeline(kind, seed)
+    if folder is None:
+        return pipe
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def tiny_flux_lora(folder: str | os.PathLike[str], *, seed: int = 1, rank: int = 4) -> Path:
+    """Save a random LoRA for the tiny FLUX transformer (``"flux"``) in ``folder``; needs peft.
+
+    It is saved as diffusers saves FLUX LoRAs (``pytorch_lora_weights.safetensors``), so
+    ``FluxTool(..., lora=folder)`` loads it through ``load_lora_weights``.
+    """
+    from diffusers import FluxPipeline
+
+    from genagent._tiny_diffusers import tiny_flux_lora as build
+
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=build(seed, rank))
+    return Path(folder)

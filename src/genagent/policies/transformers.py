@@ -40,6 +40,7 @@ from transformers import (
     DynamicCache,
 )
 
+from genagent._torch import pick_device, pick_dtype
 from genagent.errors import ConfigurationError, PolicyError
 from genagent.messages import Message, TextPart
 from genagent.policies._base import PolicyOutput, SamplingParams
@@ -274,8 +275,8 @@ class TransformersPolicy:
         Raises:
             ConfigurationError: If the checkpoint cannot be loaded (with what to try).
         """
-        resolved_device = _pick_device(device)
-        resolved_dtype = _pick_dtype(dtype, resolved_device)
+        resolved_device = pick_device(device)
+        resolved_dtype = pick_dtype(dtype, resolved_device)
 
         def load() -> tuple[Any, Any]:
             common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -957,56 +958,6 @@ def _truncate(scaled: torch.Tensor, top_k: int | None, top_p: float | None) -> t
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()
     return probs
-
-
-def _pick_device(device: str | None) -> str:
-    """The device to load on; an unusable explicit choice fails now, before any download."""
-    if device is not None:
-        try:
-            parsed = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigurationError(
-                f"device={device!r} is not a torch device; use 'cuda', 'cuda:1', 'mps' or 'cpu'"
-            ) from exc
-        if parsed.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ConfigurationError(
-                    f"device={device!r} but this torch sees no CUDA GPU (torch "
-                    f"{torch.__version__}); install a CUDA build of torch or use device='cpu'"
-                )
-            if parsed.index is not None and parsed.index >= count:
-                raise ConfigurationError(
-                    f"device={device!r} but only {count} CUDA GPU(s) are visible "
-                    f"(cuda:0..cuda:{count - 1}); check CUDA_VISIBLE_DEVICES"
-                )
-        elif parsed.type == "mps" and not (
-            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        ):
-            raise ConfigurationError(
-                f"device={device!r} but MPS is not available here; use device='cpu'"
-            )
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ConfigurationError(f"unknown dtype {dtype!r}; use 'auto', 'bfloat16', ...")
-        return resolved
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.startswith("mps"):
-        return torch.float16
-    return torch.float32
 
 
 def _load_processor(

@@ -92,12 +92,16 @@ class ToolContext:
         num_images: How many images to produce (``candidates``); tools that cannot batch are
             called once per image with one seed each.
         seeds: One seed per image to produce.
+        seed_policy: How the agent derived the seeds (``"per_round"``, ``"fixed"``,
+            ``"random"``), for tools to record; ``None`` outside an agent.
         images: Images produced so far in the run.
         current_image: The image that an edit applies to (the latest selected image).
         deadline: Clock time by which the run's budget is spent, if it has one.
         clock: The clock ``deadline`` is measured on.
         state: Free-form per-run storage shared by the run's tools and hooks
             (``RunContext.state``).
+        progress_callback: Where :meth:`report_progress` sends progress (the agent routes it
+            to ``Hooks.on_tool_progress``); tools call ``report_progress``, not this.
     """
 
     run_id: str
@@ -105,6 +109,7 @@ class ToolContext:
     round: int
     num_images: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
+    seed_policy: str | None = None
     images: Sequence[ImageRef] = ()
     current_image: ImageRef | None = None
     deadline: float | None = None
