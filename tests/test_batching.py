@@ -194,3 +194,30 @@ def test_close_finishes_queued_requests() -> None:
     futures = [batcher.submit(i) for i in range(5)]
     batcher.close(timeout_s=10)
     assert [f.result(timeout=0) for f in futures] == [0, 2, 4, 6, 8]
+
+
+def test_keys_that_cannot_be_compared_never_break_the_worker() -> None:
+    np = pytest.importorskip("numpy")
+    batcher = MicroBatcher(Recorder(), key=lambda r: np.array([r, 1.0]), max_wait_s=0.05)
+    futures = [batcher.submit(i) for i in (1, 2)]  # `key_a != key_b` would raise here
+    assert [f.result(timeout=5) for f in futures] == [2, 4]
+    batcher.close()
+
+
+def test_a_failed_worker_fails_its_queue_and_the_next_request_starts_a_new_one() -> None:
+    batcher = MicroBatcher(Recorder(), key=lambda r: 0, max_wait_s=0.0)
+    real = batcher._next_batch
+    calls = {"n": 0}
+
+    def broken_once() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("scheduler bug")
+        return real()
+
+    batcher._next_batch = broken_once  # type: ignore[method-assign]
+    first = batcher.submit(1)
+    with pytest.raises(RuntimeError, match="worker thread failed"):
+        first.result(timeout=5)
+    assert batcher.submit(2).result(timeout=5) == 4  # served by a fresh worker
+    batcher.close()

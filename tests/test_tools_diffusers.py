@@ -105,6 +105,7 @@ def test_an_agent_runs_flux_from_a_folder_and_a_seed_gives_the_same_image(
     assert outcome is not None and outcome.metadata["pipeline"] == "FluxPipeline"
     assert outcome.metadata["seed_policy"] == "per_round" and outcome.seeds
     assert outcome.metadata["seeds"] == outcome.seeds
+    assert (outcome.metadata["device"], outcome.metadata["dtype"]) == ("cpu", "float32")
     assert first.images[0].sha256 == again.images[0].sha256
     assert first.images[0].sha256 != other.images[0].sha256
     # the recorded seed regenerates the recorded image outside the agent
@@ -227,22 +228,54 @@ def test_each_family_generates_from_its_folder_and_batches_like_single_calls(
     assert tool.describe()["family"] == tool.family.name  # type: ignore[union-attr]
 
 
-def test_qwen_image_edit_edits_images_batched_like_single_calls(folders: dict[str, Path]) -> None:
-    tool = QwenImageEditTool(
-        str(folders["qwen-image-edit"]), device="cpu", width=64, height=64, steps=2, **TEXT
-    )
-    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+EDITORS = [
+    ("qwen-image-edit", QwenImageEditTool, 64, {}),
+    (
+        "flux-kontext",
+        FluxKontextTool,
+        32,
+        {"call_kwargs": {"max_area": 32 * 32, "_auto_resize": False}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "cls", "side", "extra"), EDITORS, ids=[e[0] for e in EDITORS])
+def test_edits_of_different_images_batch_and_each_gets_its_own_image(
+    folders: dict[str, Path], kind: str, cls: type[DiffusersTool], side: int, extra: dict[str, Any]
+) -> None:
+    tool = cls(str(folders[kind]), device="cpu", width=side, height=side, steps=2, **TEXT, **extra)
+    tool.setup()
+    inputs = _record_denoiser_inputs(tool)  # what the denoiser saw of each input image
+    red, noise = Image.new("RGB", (side, side), "red"), Image.effect_noise((side, side), 90)
+    jobs = [(red, 1), (noise.convert("RGB"), 2)]
 
     async def both() -> list[list[Image.Image]]:
-        return await asyncio.gather(
-            tool.aedit(red, "add a hat", seeds=[1]), tool.aedit(blue, "add a hat", seeds=[1])
-        )
+        return await asyncio.gather(*(tool.aedit(img, "add a hat", seeds=[s]) for img, s in jobs))
 
     together = asyncio.run(both())
     assert tool.batcher_stats.largest_batch == 2  # two runs' edits in one call
-    for image, source in zip(together, (red, blue), strict=True):
-        (alone,) = tool.edit(source, "add a hat", seeds=[1])
-        assert max_diff(image[0], alone) <= 1 and image[0].size == (64, 64)
+    batched = inputs[0]  # the denoiser's first input in the batched pipeline call
+    assert batched.shape[0] == 2
+    alone = []
+    for source, seed in jobs:
+        inputs.clear()
+        alone.append(tool.edit(source, "add a hat", seeds=[seed])[0])
+        # one row of the batch is exactly this image's latents with this seed's noise
+        assert sum(torch.allclose(row, inputs[0][0], atol=1e-5) for row in batched) == 1
+    assert max_diff(alone[0], alone[1]) > 1  # so a swapped result would show
+    for image, expected in zip(together, alone, strict=True):
+        assert max_diff(image[0], expected) <= 1 and image[0].size == (side, side)
+
+
+def _record_denoiser_inputs(tool: DiffusersTool) -> list[Any]:
+    """Every input the denoiser sees (noise and image latents), in order."""
+    seen: list[Any] = []
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        seen.append(kwargs["hidden_states"].detach().clone())
+
+    tool.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
 
 
 def test_a_family_defaults_are_the_authors_and_arguments_override_them() -> None:
@@ -469,6 +502,8 @@ def test_settings_that_do_not_fit_fail_at_set_up_with_what_to_do(
         ConfigurationError, match=r"has no NoSuchPipeline.*pip install -U diffusers"
     ):
         DiffusersTool(str(folders["flux"]), pipeline_class="NoSuchPipeline").setup()
+    with pytest.raises(ConfigurationError, match="call_kwargs may not set num_images_per_prompt"):
+        flux(folders, call_kwargs={"num_images_per_prompt": 2})
     with pytest.raises(ConfigurationError, match=r"unknown scheduler 'Nope'.*Euler"):
         flux(folders, scheduler="Nope").setup()
     with pytest.raises(ConfigurationError, match="unknown settings \\['stepz'\\]"):
@@ -536,3 +571,137 @@ def test_importing_the_tools_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+def test_the_failed_batch_is_freed_before_the_smaller_retries(folders: dict[str, Path]) -> None:
+    import gc
+    import weakref
+
+    tool = flux(folders)
+    tool.setup()
+    failed: list[Any] = []
+    alive_during_retry: list[bool] = []
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        states = kwargs["hidden_states"]
+        if states.shape[0] > 1:
+            failed.append(weakref.ref(states))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        gc.collect()
+        alive_during_retry.append(any(ref() is not None for ref in failed))
+
+    tool.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    assert len(tool.generate("a lamp", seeds=[1, 2])) == 2
+    assert failed and alive_during_retry and not any(alive_during_retry)
+
+
+def test_tools_sharing_one_pipeline_never_run_it_at_once(folders: dict[str, Path]) -> None:
+    shared = flux(folders)
+    shared.setup()
+    tools = [FluxTool(shared.pipe, **SMALL, **TEXT) for _ in range(2)]
+    expected = [shared.generate(f"a {c} hat", seeds=[i])[0] for i, c in enumerate("ab")]
+    got: dict[int, Image.Image] = {}
+
+    def call(i: int) -> None:
+        got[i] = tools[i].generate(f"a {'ab'[i]} hat", seeds=[i])[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(max_diff(got[i], expected[i]) == 0 for i in range(2))
+
+
+def test_a_given_pipeline_gets_its_lora_once_even_after_pickling(
+    folders: dict[str, Path], lora_folder: Path
+) -> None:
+    pipe = type(tiny_diffusers_pipeline("flux")).from_pretrained(str(folders["flux"]))
+    tool = FluxTool(pipe, **SMALL, **TEXT, lora=str(lora_folder), lora_scale=0.5, fuse_lora=True)
+    image = tool.generate("a hat", seeds=[3])[0]
+    copy = pickle.loads(pickle.dumps(tool))
+    assert max_diff(copy.generate("a hat", seeds=[3])[0], image) == 0  # not fused twice
+    fresh = type(pipe).from_pretrained(str(folders["flux"]))
+    once = FluxTool(fresh, **SMALL, **TEXT, lora=str(lora_folder), lora_scale=0.5)
+    assert max_diff(once.generate("a hat", seeds=[3])[0], image) <= 1  # the LoRA, once
+
+
+def test_a_setting_the_pipeline_does_not_take_fails_before_loading(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    loads: list[str] = []
+    real = StableDiffusionXLPipeline.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loads.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", spy)
+    with pytest.raises(ConfigurationError, match="takes no max_sequence_length"):
+        SDXLTool(str(folders["sdxl"]), device="cpu", max_sequence_length=77).setup()
+    with pytest.raises(ConfigurationError, match="takes no no_such_argument"):
+        DiffusersTool(str(folders["sdxl"]), call_kwargs={"no_such_argument": 1}).setup()
+    assert loads == []  # no weights were read to report either mistake
+
+
+def test_per_call_settings_are_checked_like_the_tools_own(folders: dict[str, Path]) -> None:
+    tool = flux(folders)
+    with pytest.raises(ConfigurationError, match="takes no no_such_kwarg"):
+        tool.generate("a cat", extra={"no_such_kwarg": 1})
+    with pytest.raises(ConfigurationError, match="true_cfg"):
+        tool.generate("a cat", negative_prompt="blurry")
+    with pytest.raises(ConfigurationError, match="steps must be a positive int"):
+        tool.generate("a cat", steps=0)
+    with pytest.raises(ConfigurationError, match="may not set num_images_per_prompt"):
+        tool.generate("a cat", extra={"num_images_per_prompt": 2})
+    both = tool.generate("a cat", seeds=[0], negative_prompt="blurry", true_cfg=2.0)
+    assert both[0].size == (32, 32)
+
+
+def test_a_given_pipeline_takes_an_explicit_dtype_and_presets_take_lora_scale(
+    folders: dict[str, Path],
+) -> None:
+    pipe = type(tiny_diffusers_pipeline("flux")).from_pretrained(str(folders["flux"]))
+    tool = FluxTool(pipe, **SMALL, **TEXT, dtype="bfloat16")
+    tool.setup()
+    assert tool.pipe.dtype == torch.bfloat16
+    turbo = FluxTool(preset="turbo", lora_scale=0.5)
+    assert [spec.scale for spec in turbo.loras] == [0.5]
+    own = FluxTool(lora=[Lora("a/b", scale=0.8), "c/d"], lora_scale=0.3)
+    assert [spec.scale for spec in own.loras] == [0.8, 0.3]
+    shifted = flux(folders, scheduler_kwargs={"shift": 2.0})
+    shifted.setup()
+    assert shifted.pipe.scheduler.config.shift == 2.0
+
+
+def test_closing_while_calls_run_loses_none_of_them(folders: dict[str, Path]) -> None:
+    tool = flux(folders, max_wait_s=0.05)
+    tool.setup()
+
+    async def calls() -> list[list[Image.Image]]:
+        tasks = [asyncio.ensure_future(tool.agenerate(f"a {i}", seeds=[i])) for i in range(4)]
+        await asyncio.sleep(0)
+        tool.close()
+        more = await tool.agenerate("after", seeds=[9])  # a new batcher serves it
+        return [*(await asyncio.gather(*tasks)), more]
+
+    assert [len(images) for images in asyncio.run(calls())] == [1] * 5
+
+
+def test_load_errors_name_the_right_cause() -> None:
+    from genagent.tools._diffusers import _load_error
+
+    token = _load_error("x/y", ValueError("Invalid header value b'Bearer hf_abc\\n'"))
+    assert "corrupt" not in str(token)
+    try:
+        raise OSError("Unable to load weights from checkpoint file") from ImportError(
+            "no module", name="sentencepiece"
+        )
+    except OSError as exc:
+        missing = _load_error("x/y", exc)
+    assert "not installed (sentencepiece)" in str(missing)

@@ -164,13 +164,28 @@ class MicroBatcher(Generic[R, T]):
     # ------------------------------------------------------------------ worker
 
     def _serve(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-            if live:
-                self._run(live)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+                if live:
+                    self._run(live)
+        except BaseException as exc:
+            # never leave callers waiting on a dead thread: fail what is queued, and let the
+            # next submit start a new worker
+            logger.error("%s: the worker thread failed: %s: %s", self.name, type(exc).__name__, exc)
+            with self._cv:
+                pending, self._pending = list(self._pending), deque()
+                self._worker = None
+            for item in pending:
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(
+                        RuntimeError(f"{self.name}: the worker thread failed: {exc!r}")
+                    )
+            if not isinstance(exc, Exception):
+                raise
 
     def _next_batch(self) -> list[_Pending[R, T]] | None:
         with self._cv:
@@ -195,7 +210,7 @@ class MicroBatcher(Generic[R, T]):
         """``first`` and the queued requests that fit beside it, in arrival order."""
         batch, items = [first], first.size
         for pending in self._pending:
-            if pending is first or pending.key != first.key:
+            if pending is first or not _same_key(pending.key, first.key):
                 continue
             if pending.future.cancelled():
                 batch.append(pending)  # dropped when the batch starts; costs nothing
@@ -206,6 +221,7 @@ class MicroBatcher(Generic[R, T]):
         return batch
 
     def _run(self, batch: list[_Pending[R, T]]) -> None:
+        error: BaseException | None = None
         try:
             results = list(self._call([p.request for p in batch]))
             if len(results) != len(batch):
@@ -214,30 +230,35 @@ class MicroBatcher(Generic[R, T]):
                     f"{len(batch)} requests"
                 )
         except BaseException as exc:
-            if len(batch) > 1 and self.retry_alone and isinstance(exc, Exception):
-                self.stats.split_retries += 1
-                logger.warning(
-                    "%s: a batch of %d requests failed (%s: %s); running them one at a time",
-                    self.name,
-                    len(batch),
-                    type(exc).__name__,
-                    exc,
-                )
-                for pending in batch:
-                    self._run([pending])
-                return
-            for pending in batch:
-                pending.future.set_exception(exc)
+            error = exc
+        if error is None:
+            for pending, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
             self.stats.requests += len(batch)
-            if not isinstance(exc, Exception):
-                raise
             return
-        for pending, result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException):
-                pending.future.set_exception(result)
-            else:
-                pending.future.set_result(result)
+        if len(batch) > 1 and self.retry_alone and isinstance(error, Exception):
+            self.stats.split_retries += 1
+            logger.warning(
+                "%s: a batch of %d requests failed (%s: %s); running them one at a time",
+                self.name,
+                len(batch),
+                type(error).__name__,
+                error,
+            )
+            # drop the error before retrying: its traceback may hold the failed batch's
+            # tensors (an out-of-memory error), which the smaller calls need the memory of
+            error = None
+            for pending in batch:
+                self._run([pending])
+            return
+        for pending in batch:
+            pending.future.set_exception(error)
         self.stats.requests += len(batch)
+        if not isinstance(error, Exception):
+            raise error
 
     def _call(self, requests: list[R]) -> Sequence[T | BaseException]:
         items = sum(self.size(r) for r in requests)
@@ -251,3 +272,11 @@ class MicroBatcher(Generic[R, T]):
             f"MicroBatcher(name={self.name!r}, max_batch_size={self.max_batch_size}, "
             f"max_wait_s={self.max_wait_s})"
         )
+
+
+def _same_key(a: Hashable, b: Hashable) -> bool:
+    """Key equality that never raises (a key holding an array compares ambiguously)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

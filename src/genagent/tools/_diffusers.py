@@ -16,9 +16,11 @@ import dataclasses
 import inspect
 import logging
 import os
+import pickle
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -46,6 +48,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger("genagent.tools.diffusers")
+
+_RESERVED_CALL_KWARGS = frozenset(
+    {
+        "prompt", "prompt_2", "prompt_3", "negative_prompt", "image", "generator", "latents",
+        "num_images_per_prompt", "output_type", "return_dict", "callback_on_step_end",
+        "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale",
+        "max_sequence_length",
+    }
+)  # fmt: skip
 
 Offload = Literal["model", "sequential"]
 
@@ -181,7 +192,7 @@ class _Request:
     @property
     def key(self) -> tuple[Any, ...]:
         size = self.image.size if self.image is not None else None
-        return (self.settings, size)
+        return (_fingerprint(self.settings), size)
 
 
 @dataclass
@@ -272,20 +283,6 @@ class _DiffusersBackend:
         self.fuse_lora = fuse_lora if fuse_lora is not None else bool(family and family.fuse_lora)
         self.scheduler = scheduler
         self.scheduler_kwargs = dict(scheduler_kwargs or {})
-        if (
-            negative_prompt is not None
-            and family is not None
-            and not (family.supports_negative_prompt or true_cfg)
-        ):
-            raise ConfigurationError(
-                f"{family.name} does not use a negative prompt by default; pass true_cfg=... "
-                "(> 1) with it to enable true classifier-free guidance"
-            )
-        for label, value in (("width", width), ("height", height)):
-            if value is not None and (not isinstance(value, int) or value < 8):
-                raise ConfigurationError(f"{label} must be a positive int of pixels, got {value!r}")
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ConfigurationError(f"steps must be a positive int, got {steps!r}")
         if max_batch_size < 1:
             raise ConfigurationError(f"max_batch_size must be >= 1, got {max_batch_size}")
         base = GenerationSettings(
@@ -297,20 +294,6 @@ class _DiffusersBackend:
             negative_prompt=family.negative_prompt if family else None,
             max_sequence_length=family.max_sequence_length if family else None,
         )
-        self._explicit = {
-            k
-            for k, v in {
-                "width": width,
-                "height": height,
-                "num_inference_steps": steps,
-                "guidance_scale": guidance,
-                "true_cfg_scale": true_cfg,
-                "negative_prompt": negative_prompt,
-                "max_sequence_length": max_sequence_length,
-                **dict(call_kwargs or {}),
-            }.items()
-            if v is not None
-        }
         self.settings = base.replace(
             width=width,
             height=height,
@@ -321,6 +304,7 @@ class _DiffusersBackend:
             max_sequence_length=max_sequence_length,
             extra=tuple(sorted((call_kwargs or {}).items())),
         )
+        self._check_settings(self.settings)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.pipeline_class = pipeline_class
@@ -334,6 +318,8 @@ class _DiffusersBackend:
         self._batcher: MicroBatcher[_Request, _Output] | None = None
         self._lock = threading.RLock()
         self._call_params: frozenset[str] = frozenset()
+        self._placed: dict[str, str] = {}
+        self._given_configured = False  # a given pipeline already has our LoRA and scheduler
 
     # ------------------------------------------------------------------ set-up
 
@@ -364,16 +350,25 @@ class _DiffusersBackend:
             )
         mps_dtype = _torch_dtype(self.family.mps_dtype) if self.family else None
         dtype = pick_dtype(self.dtype, device, mps=mps_dtype)
-        pipe = self._given if self._given is not None else self._load(dtype)
+        if self._given is None:
+            import diffusers
+
+            # a setting the pipeline does not take fails before a long download or load
+            cls = self._resolve_pipeline_class(diffusers)
+            if cls is diffusers.DiffusionPipeline:
+                cls = _class_from_index(self.model, diffusers) or cls
+            self._check_call(self.settings, _call_parameters(cls), cls.__name__)
+            pipe = self._load(dtype)
+        else:
+            pipe = self._given
+        params = _call_parameters(type(pipe))
+        self._check_call(self.settings, params, type(pipe).__name__)
         self._configure(pipe, device, dtype)
-        params = _call_parameters(pipe)
-        unknown = sorted(k for k in self._explicit if params and k not in params)
-        if unknown:
-            raise ConfigurationError(
-                f"{type(pipe).__name__} takes no {', '.join(unknown)}; remove "
-                f"{'it' if len(unknown) == 1 else 'them'} from {type(self).__name__}(...)"
-            )
         self._call_params = params
+        self._placed = {
+            "device": str(getattr(pipe, "device", device)),
+            "dtype": str(getattr(pipe, "dtype", dtype)).removeprefix("torch."),
+        }
         self.pipe = pipe
 
     def _start_batcher(self) -> MicroBatcher[_Request, _Output]:
@@ -427,20 +422,28 @@ class _DiffusersBackend:
     def _configure(self, pipe: Any, device: str, dtype: torch.dtype | None) -> None:
         import torch
 
-        if self.scheduler is not None:
-            pipe.scheduler = self._make_scheduler(pipe)
-        if self.loras:
-            self._load_loras(pipe)
+        if not (self._given is not None and self._given_configured):
+            if self.scheduler is not None or self.scheduler_kwargs:
+                pipe.scheduler = self._make_scheduler(pipe)
+            if self.loras:
+                self._load_loras(pipe)
+            if self._given is not None:
+                self._given_configured = True  # never twice: not after pickling, not on retry
         for component in getattr(pipe, "components", {}).values():
             if isinstance(component, torch.nn.Module):
                 component.eval()  # modules built from configs start in training mode
+        # a given pipeline stays where it is unless device= or a dtype is asked for
+        cast_to = dtype if self._given is not None and self.dtype not in (None, "auto") else None
         if self.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif self.offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=device)
-        elif self._given is None or self.device is not None:
+        elif self._given is None or self.device is not None or cast_to is not None:
             try:
-                pipe.to(device)
+                if cast_to is not None:
+                    pipe.to(device, cast_to) if self.device is not None else pipe.to(cast_to)
+                else:
+                    pipe.to(device)
             except Exception as exc:
                 raise ToolUnavailable(
                     f"cannot move {self.model} to {device}: {type(exc).__name__}: {exc}. Try "
@@ -462,6 +465,8 @@ class _DiffusersBackend:
     def _make_scheduler(self, pipe: Any) -> Any:
         import diffusers
 
+        if self.scheduler is None:  # only scheduler_kwargs: the same class, reconfigured
+            return type(pipe.scheduler).from_config(pipe.scheduler.config, **self.scheduler_kwargs)
         if not isinstance(self.scheduler, str):
             return self.scheduler
         cls = getattr(diffusers, self.scheduler, None)
@@ -477,8 +482,12 @@ class _DiffusersBackend:
         if not hasattr(pipe, "load_lora_weights"):
             raise ConfigurationError(f"{type(pipe).__name__} cannot load LoRA adapters")
         names = []
+        loaded = {n for ns in _adapters(pipe).values() for n in ns}
         for i, spec in enumerate(self.loras):
             name = spec.adapter_name or f"lora_{i}"
+            names.append(name)
+            if name in loaded:
+                continue  # a retried set-up: it is there already
             kwargs = {"adapter_name": name}
             if spec.weight_name is not None:
                 kwargs["weight_name"] = spec.weight_name
@@ -491,7 +500,6 @@ class _DiffusersBackend:
                         "(or `pip install peft`)"
                     ) from exc
                 raise _load_error(spec.source, exc, what="the LoRA") from exc
-            names.append(name)
         pipe.set_adapters(names, adapter_weights=[spec.scale for spec in self.loras])
         if self.fuse_lora:
             pipe.fuse_lora(adapter_names=names)
@@ -510,12 +518,13 @@ class _DiffusersBackend:
     ) -> list[_Output]:
         """Submit one prompt's images (split by ``max_batch_size``) and await them."""
         await cast("Tool", self).ensure_setup()
-        batcher = self._start_batcher()
+        if settings is not self.settings:
+            self._check_call(settings, self._call_params, type(self.pipe).__name__)
         requests = [
             _Request(prompt, list(seeds[i : i + self.max_batch_size]), settings, image, ctx)
             for i in range(0, len(seeds), self.max_batch_size)
         ]
-        tasks = [asyncio.ensure_future(batcher.asubmit(r)) for r in requests]
+        tasks = [asyncio.ensure_future(self._submit(r)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -526,31 +535,45 @@ class _DiffusersBackend:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def _submit(self, request: _Request) -> _Output:
+        for _ in range(2):
+            try:
+                return await self._start_batcher().asubmit(request)
+            except RuntimeError as exc:
+                if "is closed" not in str(exc):
+                    raise
+                # close() swapped the batcher after we took it: the next one serves this call
+        raise ToolUnavailable(f"{self.name} was closed while a call was submitted")
+
     def _process(self, requests: list[_Request]) -> list[_Output | BaseException]:
         """Run one batch on the batcher's thread (OOM: retried smaller)."""
         try:
             return self._call_pipeline(requests)
         except _OutOfMemory as exc:
-            images = sum(len(r.seeds) for r in requests)
-            if len(requests) > 1:
-                raise  # the batcher runs the requests one at a time
-            if images > 1:
-                logger.warning("out of memory with %d images; generating them one by one", images)
-                request = requests[0]
-                parts: list[_Output] = []
-                for seed in request.seeds:
-                    part = self._process([dataclasses.replace(request, seeds=[seed])])[0]
-                    if isinstance(part, BaseException):
-                        return [part]
-                    parts.append(part)
-                return [_join(parts)]
-            settings = requests[0].settings
-            raise ToolUnavailable(
-                f"out of memory generating one {settings.width or '?'}x{settings.height or '?'} "
-                f"image with {type(self.pipe).__name__} ({exc}). Try offload='model' (or "
-                "'sequential' on small cards), vae_tiling=True, a smaller width/height, or "
-                "dtype='bfloat16'."
-            ) from None
+            reason = str(exc)
+        # out of memory; retried outside the except block, so that nothing of the failed
+        # call (its traceback holds activations) stays alive while the smaller calls run
+        _empty_cache()
+        images = sum(len(r.seeds) for r in requests)
+        if len(requests) > 1:
+            raise _OutOfMemory(reason)  # the batcher runs the requests one at a time
+        if images > 1:
+            logger.warning("out of memory with %d images; generating them one by one", images)
+            request = requests[0]
+            parts: list[_Output] = []
+            for seed in request.seeds:
+                part = self._process([dataclasses.replace(request, seeds=[seed])])[0]
+                if isinstance(part, BaseException):
+                    return [part]
+                parts.append(part)
+            return [_join(parts)]
+        settings = requests[0].settings
+        raise ToolUnavailable(
+            f"out of memory generating one {settings.width or '?'}x{settings.height or '?'} "
+            f"image with {type(self.pipe).__name__} ({reason}). Try offload='model' (or "
+            "'sequential' on small cards), vae_tiling=True, a smaller width/height, or "
+            "dtype='bfloat16'."
+        )
 
     def _call_pipeline(self, requests: list[_Request]) -> list[_Output | BaseException]:
         import torch
@@ -561,9 +584,7 @@ class _DiffusersBackend:
         settings = requests[0].settings
         prompts = [r.prompt for r in requests for _ in r.seeds]
         seeds = [s for r in requests for s in r.seeds]
-        kwargs = settings.call_kwargs()
-        if self._call_params:
-            kwargs = {k: v for k, v in kwargs.items() if k in self._call_params}
+        kwargs = settings.call_kwargs()  # checked against the pipeline at set-up / submission
         kwargs["prompt"] = prompts
         if settings.negative_prompt is not None:
             kwargs["negative_prompt"] = [settings.negative_prompt] * len(prompts)
@@ -603,16 +624,18 @@ class _DiffusersBackend:
 
             if _accepts(self._call_params, "callback_on_step_end"):
                 kwargs["callback_on_step_end"] = on_step
+            oom: str | None = None
             try:
-                with torch.inference_mode():
+                with _pipeline_lock(pipe), torch.inference_mode():  # one call at a time per pipe
                     output = pipe(**kwargs)
             except Exception as exc:
-                if _is_oom(exc):
-                    _empty_cache()
-                    raise _OutOfMemory(str(exc).splitlines()[0][:200]) from None
-                raise ToolUnavailable(
-                    f"{type(pipe).__name__} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+                if not _is_oom(exc):
+                    raise ToolUnavailable(
+                        f"{type(pipe).__name__} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+                oom = str(exc).splitlines()[0][:200]
+            if oom is not None:  # raised outside the except block: see _process
+                raise _OutOfMemory(oom)
         latency = _since(start)
         images = list(output.images)
         if len(images) != len(seeds):
@@ -641,13 +664,66 @@ class _DiffusersBackend:
         return results
 
     def _settings_with(self, overrides: Mapping[str, Any]) -> GenerationSettings:
+        if not overrides:
+            return self.settings
         fields = {f.name for f in dataclasses.fields(GenerationSettings)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
+            raise ConfigurationError(f"unknown settings {unknown}; choose from {sorted(fields)}")
+        extra = overrides.get("extra")
+        if extra is not None and isinstance(extra, Mapping):
+            overrides = {**overrides, "extra": tuple(sorted(extra.items()))}
+        settings = self.settings.replace(**overrides)
+        self._check_settings(settings)
+        return settings
+
+    def _check_settings(self, settings: GenerationSettings) -> None:
+        """Checks that need no pipeline: sizes, steps, the negative prompt, reserved names."""
+        for label, value in (("width", settings.width), ("height", settings.height)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 8
+            ):
+                raise ConfigurationError(f"{label} must be an int of pixels >= 8, got {value!r}")
+        steps = settings.steps
+        if steps is not None and (
+            not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+        ):
+            raise ConfigurationError(f"steps must be a positive int, got {steps!r}")
+        family = self.family
+        if (
+            settings.negative_prompt is not None
+            and family is not None
+            and not family.supports_negative_prompt
+            and not (settings.true_cfg is not None and settings.true_cfg > 1)
+        ):
             raise ConfigurationError(
-                f"unknown settings {unknown}; choose from {sorted(fields - {'extra'})}"
+                f"{family.name} ignores a negative prompt unless true classifier-free guidance "
+                "is on: pass true_cfg=... (> 1) with it (each step then runs twice)"
             )
-        return self.settings.replace(**overrides)
+        reserved = sorted(dict(settings.extra).keys() & _RESERVED_CALL_KWARGS)
+        if reserved:
+            raise ConfigurationError(
+                f"call_kwargs may not set {', '.join(reserved)}: the tool sets them per call "
+                "(size, steps, guidance and the negative prompt have arguments of their own)"
+            )
+
+    def _check_call(self, settings: GenerationSettings, params: frozenset[str], name: str) -> None:
+        """Every setting must be an argument of the pipeline: nothing is silently dropped."""
+        wanted = set(settings.call_kwargs())
+        if settings.negative_prompt is not None:
+            wanted.add("negative_prompt")
+        unknown = sorted(k for k in wanted if params and k not in params)
+        if unknown:
+            hint = (
+                f" ({type(self).__name__} is for {self.family.pipeline}; is this the right "
+                "tool for these weights?)"
+                if self.family is not None and self.family.pipeline != name
+                else ""
+            )
+            raise ConfigurationError(
+                f"{name} takes no {', '.join(unknown)}; remove "
+                f"{'it' if len(unknown) == 1 else 'them'} from the tool's settings{hint}"
+            )
 
     # ------------------------------------------------------------------ results
 
@@ -691,6 +767,7 @@ class _DiffusersBackend:
             "guidance": settings.guidance,
             "true_cfg": settings.true_cfg,
             "seeds": output.seeds,
+            **self._placed,
             "batch_images": output.batch_images,
             "pipeline_s": round(output.latency_s, 4),
         }
@@ -722,10 +799,14 @@ class _DiffusersBackend:
         return self._batcher.stats if self._batcher is not None else None
 
     def close(self) -> None:
-        """Stop the batching thread (the pipeline stays loaded)."""
-        if self._batcher is not None:
-            self._batcher.close()
-            self._batcher = None
+        """Stop the batching thread once queued calls are done (the pipeline stays loaded).
+
+        A later call starts a new one.
+        """
+        with self._lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     def __getstate__(self) -> dict[str, Any]:
         # the pipeline and the worker thread stay in this process; set-up runs again there
@@ -754,19 +835,25 @@ class DiffusersTool(_DiffusersBackend, GenerationTool):
     Args:
         model: A Hugging Face model id, a local folder (``str`` or ``Path``), or a pipeline
             instance.
-        device: ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"cpu"`` (default: the best available).
+        device: ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"cpu"`` (default: the best available;
+            a given pipeline instance stays where it is unless ``device`` is given).
         dtype: ``"auto"`` (bf16 on GPUs that support it, fp32 on CPU), a torch dtype or its name.
+            A given pipeline instance keeps its dtype under ``"auto"``.
         offload: ``"model"`` (``enable_model_cpu_offload``: whole models move to the GPU when
             used) or ``"sequential"`` (``enable_sequential_cpu_offload``: layer by layer, least
             memory, slowest). Needs a CUDA device.
         vae_slicing: Decode a batch one image at a time (less memory for large batches).
         vae_tiling: Decode large images in tiles.
         lora: LoRA adapters: a repository id, a folder or file, a :class:`Lora`, or a list.
-        lora_scale: Strength of adapters given as strings (default 1.0).
+            They replace a preset's adapters (to add to the turbo preset's, list both:
+            ``[*FluxTool.presets["turbo"].lora, Lora("my/style")]``).
+        lora_scale: Strength of the adapters given as strings or by the preset (default 1.0);
+            a :class:`Lora` carries its own ``scale``.
         fuse_lora: Fuse the adapters into the weights (faster calls; cannot be changed later).
         scheduler: A scheduler instance, or a diffusers class name
             (``"DPMSolverMultistepScheduler"``) built from the pipeline's scheduler config.
-        scheduler_kwargs: Extra arguments for that class's ``from_config``.
+        scheduler_kwargs: Extra arguments for that class's ``from_config``; alone, they
+            reconfigure the pipeline's own scheduler (e.g. ``{"shift": 3.0}``).
         width: Image width (default: the family's).
         height: Image height.
         steps: Denoising steps.
@@ -951,15 +1038,25 @@ def _pipeline_source(pipe: Any) -> str:
 def _loras(
     lora: str | Lora | Sequence[str | Lora] | None, scale: float | None, family: Family | None
 ) -> tuple[Lora, ...]:
+    """The adapters to load.
+
+    ``lora`` replaces the preset's; ``scale`` applies to strings and to the preset's adapters
+    (a ``Lora`` carries its own).
+    """
     if lora is None:
-        return family.lora if family else ()
-    items = [lora] if isinstance(lora, (str, Lora)) else list(lora)
+        preset = family.lora if family else ()
+        return tuple(
+            spec if scale is None else dataclasses.replace(spec, scale=scale) for spec in preset
+        )
+    items = [lora] if isinstance(lora, (str, os.PathLike, Lora)) else list(lora)
     specs = []
     for item in items:
+        if isinstance(item, os.PathLike):
+            item = os.fspath(item)
         if isinstance(item, str):
             specs.append(Lora(item, scale=1.0 if scale is None else scale))
         elif isinstance(item, Lora):
-            specs.append(item if scale is None else dataclasses.replace(item, scale=scale))
+            specs.append(item)
         else:
             raise ConfigurationError(
                 f"lora must be a path, a repository id or a Lora(...), got {type(item).__name__}"
@@ -967,9 +1064,10 @@ def _loras(
     return tuple(specs)
 
 
-def _call_parameters(pipe: Any) -> frozenset[str]:
+def _call_parameters(cls: type) -> frozenset[str]:
+    """The named arguments of a pipeline class's ``__call__`` (empty: unknown)."""
     try:
-        parameters = inspect.signature(type(pipe).__call__).parameters
+        parameters = inspect.signature(cls.__call__).parameters
     except (TypeError, ValueError):
         return frozenset()
     # named parameters only: SDXL's **kwargs holds deprecated callbacks, and silently dropping a
@@ -977,6 +1075,56 @@ def _call_parameters(pipe: Any) -> frozenset[str]:
     return frozenset(
         name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     )
+
+
+def _fingerprint(settings: GenerationSettings) -> Any:
+    """A batching key for settings, safe to compare even when ``extra`` holds arrays."""
+    try:
+        hash(settings)
+        return settings
+    except TypeError:
+        pass
+    try:
+        return pickle.dumps(settings)
+    except Exception:
+        return ("unbatchable", object())  # equal to nothing else
+
+
+def _class_from_index(model: str, diffusers: Any) -> Any:
+    """The pipeline class a local folder's ``model_index.json`` names, if diffusers has it."""
+    import json
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(model) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return getattr(diffusers, name, None) if isinstance(name, str) else None
+
+
+def _adapters(pipe: Any) -> dict[str, list[str]]:
+    """Adapters loaded in the pipeline, by component (none when it cannot say)."""
+    try:
+        found = pipe.get_list_adapters()
+    except Exception:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+_PIPE_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_PIPE_LOCKS_GUARD = threading.Lock()
+
+
+def _pipeline_lock(pipe: Any) -> threading.Lock:
+    """One lock per pipeline object: tools sharing a pipeline never run it at once."""
+    with _PIPE_LOCKS_GUARD:
+        try:
+            lock = _PIPE_LOCKS.get(pipe)
+            if lock is None:
+                lock = _PIPE_LOCKS[pipe] = threading.Lock()
+        except TypeError:  # not weak-referenceable: fall back to the tool's own thread
+            return threading.Lock()
+        return lock
 
 
 def _accepts(params: frozenset[str], name: str) -> bool:
@@ -1076,10 +1224,28 @@ def _load_error(source: str, exc: BaseException, what: str = "the pipeline") -> 
             "set, or no network): download them first (`huggingface-cli download ...`) or pass a "
             "local folder"
         )
-    elif "SafetensorError" in kinds or "unable to load weights" in full or "header" in full:
+    elif kinds & {"ImportError", "ModuleNotFoundError"}:
+        missing = next(
+            (getattr(e, "name", None) for e in chain if isinstance(e, ImportError)), None
+        )
+        advice = (
+            f"a component needs a package that is not installed ({missing or 'see above'}): "
+            "install it and try again"
+        )
+    elif (
+        "SafetensorError" in kinds
+        or "unable to load weights from checkpoint" in full
+        or "header too large" in full
+        or "incomplete metadata" in full
+    ):
         advice = "a weights file is corrupt or incomplete: delete it and download it again"
     elif "JSONDecodeError" in kinds:
         advice = "a config file (model_index.json or a component's config) is not valid JSON"
+    elif "already in use" in full:
+        advice = (
+            "the pipeline already has an adapter of that name (a pipeline instance set up "
+            "twice?): give the Lora an adapter_name of its own"
+        )
     else:
         advice = (
             "check the id or folder (a folder needs a model_index.json); for gated weights run "
