@@ -17,15 +17,13 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    ProcessorMixin,  # diffusers finds the processor's loading method by this name here
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
-__all__ = ["PIPELINES", "ImageOnlyQwen2VLProcessor", "tiny_flux_lora", "tiny_pipeline"]
+__all__ = ["PIPELINES", "tiny_flux_lora", "tiny_pipeline"]
 
-_ = ProcessorMixin
 D: Any = _diffusers  # untyped: attribute access keeps mypy strict quiet
 
 
@@ -501,35 +499,6 @@ def _qwen_components(seed: int, *, fast_vae: bool) -> dict[str, Any]:
     }
 
 
-def _image_only_processor_base() -> Any:
-    from transformers import Qwen2VLProcessor
-
-    return Qwen2VLProcessor
-
-
-class ImageOnlyQwen2VLProcessor(_image_only_processor_base()):  # type: ignore[misc]
-    """``Qwen2VLProcessor`` without a video processor, which needs torchvision.
-
-    diffusers records this class in ``model_index.json`` by its module path; ``DiffusersTool``
-    imports genagent modules named there before loading.
-    """
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: Any = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kw,
-        )
-
-
 def _qwen_image(seed: int) -> Any:
 
     return D.QwenImagePipeline(**_qwen_components(seed, fast_vae=False))
@@ -548,6 +517,8 @@ def _qwen_image_edit(seed: int) -> Any:
         min_pixels=28 * 28,
         max_pixels=112 * 112,
     )
+    from genagent._qwen_processors import ImageOnlyQwen2VLProcessor
+
     components["processor"] = ImageOnlyQwen2VLProcessor(
         image_processor=image_processor, tokenizer=components["tokenizer"]
     )

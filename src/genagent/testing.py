@@ -174,7 +174,7 @@ def tiny_qwen2_5_vl(
         Qwen2VLImageProcessorPil,
     )
 
-    from genagent.policies.transformers import _image_only_processor_class
+    from genagent._qwen_processors import image_only_processor
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer(tokenizer)
@@ -186,7 +186,7 @@ def tiny_qwen2_5_vl(
         min_pixels=28 * 28,
         max_pixels=max_pixels,
     )
-    processor = _image_only_processor_class("qwen2_5_vl")(
+    processor = image_only_processor("qwen2_5_vl")(
         image_processor=image_processor, tokenizer=tok, chat_template=QWEN_VL_CHAT_TEMPLATE
     )
     heads = max(2, hidden_size // 16)

@@ -40,6 +40,7 @@ from transformers import (
     DynamicCache,
 )
 
+from genagent._qwen_processors import image_only_processor
 from genagent._torch import pick_device, pick_dtype
 from genagent.errors import ConfigurationError, PolicyError
 from genagent.messages import Message, TextPart
@@ -56,38 +57,6 @@ LogitsProcessor = Callable[[Sequence[int], Sequence[int], torch.Tensor], torch.T
 
 _QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _SENTINEL = "\u2063GENAGENT-PREVIOUS-REPLY\u2063"
-
-
-def _image_only_processor_class(model_type: str) -> Any:
-    """The Qwen-VL processor without its video processor (which needs torchvision)."""
-    import transformers
-
-    base: Any = (
-        transformers.Qwen2VLProcessor
-        if model_type == "qwen2_vl"
-        else transformers.Qwen2_5_VLProcessor
-    )
-
-    class ImageOnlyProcessor(base):  # type: ignore[misc]
-        """Qwen-VL processor for images only: works where torchvision cannot be installed."""
-
-        def __init__(
-            self,
-            image_processor: Any = None,
-            tokenizer: Any = None,
-            chat_template: Any = None,
-            **kwargs: Any,
-        ) -> None:
-            super().__init__(
-                image_processor=image_processor,
-                tokenizer=tokenizer,
-                video_processor=None,
-                chat_template=chat_template,
-                **kwargs,
-            )
-
-    ImageOnlyProcessor.__name__ = f"ImageOnly{base.__name__}"
-    return ImageOnlyProcessor
 
 
 @dataclass
@@ -979,7 +948,7 @@ def _load_processor(
             return loaded
         if model_type in _QWEN_VL_TYPES:
             try:
-                cls = _image_only_processor_class(model_type)
+                cls = image_only_processor(model_type)
                 return cls.from_pretrained(model_id_or_path, **common, **where)
             except (OSError, ValueError) as exc:
                 last_error = exc

@@ -145,10 +145,17 @@ QWEN_IMAGE_EDIT = Family(
 
 
 class _Presets:
-    """``preset=`` selection shared by the family tools."""
+    """``preset=`` selection shared by the family tools (first base, before the tool class)."""
 
     presets: ClassVar[Mapping[str, Family]] = {}
     default_preset: ClassVar[str] = ""
+
+    def __init__(
+        self, model: str | Any | None = None, *, preset: str | None = None, **kwargs: Any
+    ) -> None:
+        family = self._family(preset, kwargs.pop("family", None))
+        init: Any = super().__init__  # the tool class that follows this mixin
+        init(model, family=family, **kwargs)
 
     @classmethod
     def _family(cls, preset: str | None, family: Family | None) -> Family:
@@ -192,12 +199,6 @@ class FluxTool(_Presets, DiffusersTool):
     }
     default_preset: ClassVar[str] = "dev"
 
-    def __init__(
-        self, model: str | Any | None = None, *, preset: str | None = None, **kwargs: Any
-    ) -> None:
-        family = self._family(preset, kwargs.pop("family", None))
-        super().__init__(model, family=family, **kwargs)
-
 
 class SD3Tool(_Presets, DiffusersTool):
     """Stable Diffusion 3 / 3.5 text-to-image (default: SD 3.5 Large, 28 steps, guidance 3.5).
@@ -210,9 +211,6 @@ class SD3Tool(_Presets, DiffusersTool):
     presets: ClassVar[Mapping[str, Family]] = {"large": SD3}
     default_preset: ClassVar[str] = "large"
 
-    def __init__(self, model: str | Any | None = None, **kwargs: Any) -> None:
-        super().__init__(model, family=self._family(None, kwargs.pop("family", None)), **kwargs)
-
 
 class SDXLTool(_Presets, DiffusersTool):
     """Stable Diffusion XL text-to-image (default: SDXL base 1.0, 30 steps, guidance 5.0).
@@ -224,9 +222,6 @@ class SDXLTool(_Presets, DiffusersTool):
 
     presets: ClassVar[Mapping[str, Family]] = {"base": SDXL}
     default_preset: ClassVar[str] = "base"
-
-    def __init__(self, model: str | Any | None = None, **kwargs: Any) -> None:
-        super().__init__(model, family=self._family(None, kwargs.pop("family", None)), **kwargs)
 
 
 class QwenImageTool(_Presets, DiffusersTool):
@@ -242,9 +237,6 @@ class QwenImageTool(_Presets, DiffusersTool):
     presets: ClassVar[Mapping[str, Family]] = {"base": QWEN_IMAGE}
     default_preset: ClassVar[str] = "base"
 
-    def __init__(self, model: str | Any | None = None, **kwargs: Any) -> None:
-        super().__init__(model, family=self._family(None, kwargs.pop("family", None)), **kwargs)
-
 
 class FluxKontextTool(_Presets, DiffusersEditTool):
     """FLUX.1 Kontext editing: changes the current image by an instruction (28 steps, 2.5).
@@ -259,9 +251,6 @@ class FluxKontextTool(_Presets, DiffusersEditTool):
     presets: ClassVar[Mapping[str, Family]] = {"dev": FLUX_KONTEXT}
     default_preset: ClassVar[str] = "dev"
 
-    def __init__(self, model: str | Any | None = None, **kwargs: Any) -> None:
-        super().__init__(model, family=self._family(None, kwargs.pop("family", None)), **kwargs)
-
 
 class QwenImageEditTool(_Presets, DiffusersEditTool):
     """Qwen-Image-Edit editing: changes the current image by an instruction (50 steps, CFG 4).
@@ -275,9 +264,6 @@ class QwenImageEditTool(_Presets, DiffusersEditTool):
 
     presets: ClassVar[Mapping[str, Family]] = {"base": QWEN_IMAGE_EDIT}
     default_preset: ClassVar[str] = "base"
-
-    def __init__(self, model: str | Any | None = None, **kwargs: Any) -> None:
-        super().__init__(model, family=self._family(None, kwargs.pop("family", None)), **kwargs)
 
 
 # --------------------------------------------------------------------------- registry factories
