@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -705,3 +706,40 @@ def test_load_errors_name_the_right_cause() -> None:
     except OSError as exc:
         missing = _load_error("x/y", exc)
     assert "not installed (sentencepiece)" in str(missing)
+
+
+def test_gated_weights_say_how_to_get_access(tmp_path: Path) -> None:
+    """Against a local server speaking the Hub's wire format for a gated repository."""
+    from ._servers import Reply, ScriptedServer
+
+    def gated(request: Any) -> Reply:
+        return Reply(
+            {"error": "Access to model org/gated is restricted. Please log in."},
+            401,
+            headers={"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted."},
+        )
+
+    code = (
+        "from genagent.tools import FluxTool\n"
+        "try:\n"
+        "    FluxTool('org/gated', device='cpu').setup()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    with ScriptedServer() as server:
+        for path in ("/api/models/org/gated", "/api/models/org/gated/revision/main"):
+            server.always("GET", path, gated)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": server.url,
+            "HF_HOME": str(tmp_path),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        asked = [r.path for r in server.requests]
+    assert "/api/models/org/gated" in asked  # it asked the Hub, which answered "gated"
+    assert out.stdout.startswith("ToolUnavailable"), out.stderr[-2000:]
+    assert "is gated" in out.stdout and "huggingface-cli login" in out.stdout
