@@ -503,6 +503,8 @@ def test_settings_that_do_not_fit_fail_at_set_up_with_what_to_do(
         ConfigurationError, match=r"has no NoSuchPipeline.*pip install -U diffusers"
     ):
         DiffusersTool(str(folders["flux"]), pipeline_class="NoSuchPipeline").setup()
+    with pytest.raises(ConfigurationError, match="generator_device='nowhere'"):
+        flux(folders, generator_device="nowhere").setup()
     with pytest.raises(ConfigurationError, match="call_kwargs may not set num_images_per_prompt"):
         flux(folders, call_kwargs={"num_images_per_prompt": 2})
     with pytest.raises(ConfigurationError, match=r"unknown scheduler 'Nope'.*Euler"):
@@ -660,6 +662,12 @@ def test_per_call_settings_are_checked_like_the_tools_own(folders: dict[str, Pat
         tool.generate("a cat", steps=0)
     with pytest.raises(ConfigurationError, match="may not set num_images_per_prompt"):
         tool.generate("a cat", extra={"num_images_per_prompt": 2})
+    with pytest.raises(ConfigurationError, match="seeds must be non-negative ints"):
+        tool.generate("a cat", seeds=[1, "2"])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="non-empty text"):
+        tool.generate("  ")
+    with pytest.raises(ConfigurationError, match="must be a PIL image"):
+        FluxKontextTool(str(folders["flux-kontext"])).edit(b"png bytes", "x")  # type: ignore[arg-type]
     both = tool.generate("a cat", seeds=[0], negative_prompt="blurry", true_cfg=2.0)
     assert both[0].size == (32, 32)
 

@@ -348,6 +348,15 @@ class _DiffusersBackend:
                 f"offload={self.offload!r} moves weights between CPU memory and a GPU; it needs "
                 f"a CUDA device, but the device is {device!r}. Drop offload= on this machine."
             )
+        import torch
+
+        try:
+            torch.Generator(device=self.generator_device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigurationError(
+                f"generator_device={self.generator_device!r} is not usable here ({exc}); use "
+                "'cpu' (the default: the same image for a seed on every device)"
+            ) from exc
         mps_dtype = _torch_dtype(self.family.mps_dtype) if self.family else None
         dtype = pick_dtype(self.dtype, device, mps=mps_dtype)
         if self._given is None:
@@ -517,6 +526,13 @@ class _DiffusersBackend:
         ctx: ToolContext | None = None,
     ) -> list[_Output]:
         """Submit one prompt's images (split by ``max_batch_size``) and await them."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigurationError(f"the prompt must be non-empty text, got {prompt!r}")
+        bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+        if bad or any(s >= 2**63 for s in seeds):
+            raise ConfigurationError(
+                f"seeds must be non-negative ints below 2**63, got {list(seeds)!r}"
+            )
         await cast("Tool", self).ensure_setup()
         if settings is not self.settings:
             self._check_call(settings, self._call_params, type(self.pipe).__name__)
@@ -976,6 +992,8 @@ class DiffusersEditTool(_DiffusersBackend, EditTool):
         **settings: Any,
     ) -> list[PILImage.Image]:
         """Async :meth:`edit`."""
+        if not hasattr(image, "convert") or not hasattr(image, "size"):
+            raise ConfigurationError(f"image must be a PIL image, got {type(image).__name__}")
         outputs = await self._generate(
             instruction, list(seeds), self._settings_with(settings), image=image.convert("RGB")
         )
