@@ -7,6 +7,7 @@ Each route holds a queue of replies (or a function of the request); every reques
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -44,6 +45,7 @@ class ScriptedServer:
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], deque[Reply | Handler]] = {}
         self.fallback: dict[tuple[str, str], Handler] = {}
+        self.patterns: list[tuple[str, re.Pattern[str], Handler]] = []
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         outer = self
@@ -65,6 +67,15 @@ class ScriptedServer:
                     outer.requests.append(request)
                     queue = outer.routes.get((self.command, path))
                     item = queue.popleft() if queue else outer.fallback.get((self.command, path))
+                    if item is None:
+                        item = next(
+                            (
+                                h
+                                for m, p, h in outer.patterns
+                                if m == self.command and p.fullmatch(path)
+                            ),
+                            None,
+                        )
                 if item is None:
                     reply = Reply({"error": f"no scripted reply for {self.command} {path}"}, 599)
                 else:
@@ -80,8 +91,10 @@ class ScriptedServer:
                     payload, content_type = reply.body or b"", "application/octet-stream"
                 try:
                     self.send_response(reply.status)
-                    self.send_header("Content-Type", content_type)
-                    self.send_header("Content-Length", str(len(payload)))
+                    if not any(k.lower() == "content-type" for k in reply.headers):
+                        self.send_header("Content-Type", content_type)
+                    if not any(k.lower() == "content-length" for k in reply.headers):
+                        self.send_header("Content-Length", str(len(payload)))
                     for key, value in reply.headers.items():
                         self.send_header(key, value)
                     self.end_headers()
@@ -91,6 +104,7 @@ class ScriptedServer:
 
             do_GET = _serve
             do_POST = _serve
+            do_PUT = _serve
             do_DELETE = _serve
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -108,6 +122,10 @@ class ScriptedServer:
 
     def always(self, method: str, path: str, handler: Handler) -> None:
         self.fallback[(method, path)] = handler
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        """Answer every request whose path fully matches the regex ``pattern``."""
+        self.patterns.append((method, re.compile(pattern), handler))
 
     def __enter__(self) -> ScriptedServer:
         self._thread.start()

@@ -277,6 +277,60 @@ def _labelled(label: str, style: str, text: str) -> None:
     console.print(line, highlight=False)
 
 
+@app.command()
+@_friendly_errors
+def serve(
+    tool: Annotated[
+        str, typer.Option(help="Tool by registry name (see `genagent list`): flux, scene, ...")
+    ] = "scene-generate",
+    tool_arg: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the tool factory (repeatable).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port.")] = 8000,
+    max_concurrency: Annotated[
+        int, typer.Option(min=1, help="Requests run at once (the rest queue).")
+    ] = 4,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests allowed to wait; beyond, 429.")
+    ] = 64,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a request may take, queue included.")
+    ] = 600.0,
+    grace: Annotated[
+        float, typer.Option(min=0, help="Seconds in-flight requests get on shutdown.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a tool over HTTP: POST /generate/ (the GenAgent protocol) and GET /health."""
+    from genagent import registry
+    from genagent.server import serve as serve_tool
+
+    made = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
+    tools = made if isinstance(made, list) else [made]
+    if len(tools) != 1:
+        names = ", ".join(t.name for t in tools)
+        raise typer.BadParameter(
+            f"{tool!r} makes {len(tools)} tools ({names}); serve one per process "
+            "(e.g. --tool scene-generate)",
+            param_hint="--tool",
+        )
+    err_console.print(
+        f"serving {tools[0].name} ({type(tools[0]).__name__}) on http://{host}:{port}/generate/",
+        highlight=False,
+    )
+    serve_tool(
+        tools[0],
+        host=host,
+        port=port,
+        log_level=log_level,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        grace_s=grace,
+    )
+
+
 @app.command("list")
 def list_entries() -> None:
     """List the registered tools, policies and judges (rewards)."""

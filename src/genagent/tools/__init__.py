@@ -4,8 +4,11 @@
 ``docs/tools.md`` for how to write one. ``DiffusersTool`` and the family tools (``FluxTool``,
 ``SD3Tool``, ``SDXLTool``, ``QwenImageTool``, ``FluxKontextTool``, ``QwenImageEditTool``) run
 diffusers pipelines locally (extra ``[diffusers]``; importing them does not import torch, set-up
-does); see ``docs/generators.md``.
+does); see ``docs/generators.md``. The remote adapters (``GenAgentServerTool``, ...) live in
+``genagent.tools.http`` and are importable from here too (loaded on first use).
 """
+
+from typing import Any
 
 from genagent.tools._base import (
     EditArgs,
@@ -35,6 +38,18 @@ from genagent.tools._families import (
     SDXLTool,
 )
 
+_REMOTE = ("GenAgentServerEditTool", "GenAgentServerTool", "RemoteTool")
+
+
+def __getattr__(name: str) -> Any:
+    # the HTTP adapters import httpx: only when asked for, so `import genagent` stays light
+    if name in _REMOTE:
+        from genagent.tools import http
+
+        return getattr(http, name)
+    raise AttributeError(f"module 'genagent.tools' has no attribute {name!r}")
+
+
 __all__ = [
     "BatcherStats",
     "DiffusersEditTool",
@@ -44,6 +59,8 @@ __all__ = [
     "Family",
     "FluxKontextTool",
     "FluxTool",
+    "GenAgentServerEditTool",
+    "GenAgentServerTool",
     "GenerationArgs",
     "GenerationSettings",
     "GenerationTool",
@@ -51,6 +68,7 @@ __all__ = [
     "MicroBatcher",
     "QwenImageEditTool",
     "QwenImageTool",
+    "RemoteTool",
     "SD3Tool",
     "SDXLTool",
     "Tool",

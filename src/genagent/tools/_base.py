@@ -102,6 +102,10 @@ class ToolContext:
             (``RunContext.state``).
         progress_callback: Where :meth:`report_progress` sends progress (the agent routes it
             to ``Hooks.on_tool_progress``); tools call ``report_progress``, not this.
+        settings: Generation settings the caller asks for on this call (``width``, ``height``,
+            ``steps``, ``guidance``, ``negative_prompt``): tools that can honour them do (the
+            diffusers tools, the remote adapters), others ignore them. ``genagent serve``
+            fills them from each request; an agent leaves them empty.
     """
 
     run_id: str
@@ -116,6 +120,7 @@ class ToolContext:
     clock: Callable[[], float] = time.monotonic
     state: dict[str, Any] = field(default_factory=dict)
     progress_callback: Callable[[ToolProgress], None] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:

@@ -202,6 +202,7 @@ class _Output:
     blocked: list[str | None]  # why each image is unusable ("nsfw", "black"), or None
     batch_images: int  # images in the pipeline call that made these
     latency_s: float
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 class _OutOfMemory(Exception):
@@ -675,7 +676,9 @@ class _DiffusersBackend:
                     else ("black" if self.check_blank and _is_black(img) else None)
                     for i, img in enumerate(part)
                 ]
-                results.append(_Output(part, list(request.seeds), blocked, len(seeds), latency))
+                results.append(
+                    _Output(part, list(request.seeds), blocked, len(seeds), latency, settings)
+                )
             at += n
         return results
 
@@ -773,7 +776,7 @@ class _DiffusersBackend:
         )
 
     def _describe_call(self, output: _Output) -> dict[str, Any]:
-        settings = self.settings
+        settings = output.settings
         return {
             "model": self.model,
             "pipeline": type(self.pipe).__name__,
@@ -909,8 +912,13 @@ class DiffusersTool(_DiffusersBackend, GenerationTool):
     )
 
     async def acall(self, args: Any, ctx: ToolContext) -> ToolResult:
-        """Generate ``ctx.num_images`` images of ``args.caption``, one per seed in ``ctx.seeds``."""
-        outputs = await self._generate(args.caption, ctx.seeds, self.settings, ctx=ctx)
+        """Generate ``ctx.num_images`` images of ``args.caption``, one per seed in ``ctx.seeds``.
+
+        ``ctx.settings`` (``width``, ``height``, ``steps``, ...) override the tool's settings for
+        this call.
+        """
+        settings = self._settings_with(ctx.settings)
+        outputs = await self._generate(args.caption, ctx.seeds, settings, ctx=ctx)
         return self._result(outputs, ctx)
 
     def generate(
@@ -966,7 +974,7 @@ class DiffusersEditTool(_DiffusersBackend, EditTool):
         current = ctx.current_image
         image = await asyncio.to_thread(lambda: current.open().convert("RGB"))
         outputs = await self._generate(
-            args.instruction, ctx.seeds, self.settings, image=image, ctx=ctx
+            args.instruction, ctx.seeds, self._settings_with(ctx.settings), image=image, ctx=ctx
         )
         return self._result(outputs, ctx)
 
@@ -1186,6 +1194,7 @@ def _join(outputs: Sequence[_Output]) -> _Output:
         blocked=[b for o in outputs for b in o.blocked],
         batch_images=max((o.batch_images for o in outputs), default=0),
         latency_s=sum(o.latency_s for o in outputs),
+        settings=outputs[0].settings if outputs else GenerationSettings(),
     )
 
 
