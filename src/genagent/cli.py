@@ -301,8 +301,17 @@ def serve(
         float, typer.Option(min=0, help="Seconds in-flight requests get on shutdown.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    api_key_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the API key clients must send (Authorization: "
+            "Bearer); unset or empty: no key required."
+        ),
+    ] = "GENAGENT_SERVER_API_KEY",
 ) -> None:
     """Serve a tool over HTTP: POST /generate/ (the GenAgent protocol) and GET /health."""
+    import os
+
     from genagent import registry
     from genagent.server import serve as serve_tool
 
@@ -315,8 +324,10 @@ def serve(
             "(e.g. --tool scene-generate)",
             param_hint="--tool",
         )
+    keyed = " (API key required)" if os.environ.get(api_key_env) else ""
     err_console.print(
-        f"serving {tools[0].name} ({type(tools[0]).__name__}) on http://{host}:{port}/generate/",
+        f"serving {tools[0].name} ({type(tools[0]).__name__}) on "
+        f"http://{host}:{port}/generate/{keyed}",
         highlight=False,
     )
     serve_tool(
@@ -328,6 +339,7 @@ def serve(
         max_queue=max_queue,
         request_timeout_s=request_timeout,
         grace_s=grace,
+        api_key=os.environ.get(api_key_env) or None,
     )
 
 

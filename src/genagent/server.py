@@ -148,6 +148,9 @@ class ToolServer:
         grace_s: On shutdown, how long requests in flight may take to finish.
         max_images: Most images one request may ask for.
         max_body_bytes: Largest request body accepted (images to edit are in it).
+        api_key: When set, ``/generate/`` requires ``Authorization: Bearer <api_key>`` (401
+            otherwise); ``/health`` stays open. ``GenAgentServerTool`` sends it from
+            ``GENAGENT_SERVER_API_KEY``.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class ToolServer:
         grace_s: float = 30.0,
         max_images: int = 32,
         max_body_bytes: int = 64 * 1024 * 1024,
+        api_key: str | None = None,
     ) -> None:
         if not isinstance(tool, Tool):
             raise ConfigurationError(f"serve takes one tool instance, got {type(tool).__name__}")
@@ -175,6 +179,7 @@ class ToolServer:
         self.grace_s = grace_s
         self.max_images = max_images
         self.max_body_bytes = max_body_bytes
+        self._api_key = api_key or None
         self.status = "loading"
         self.load_error: str | None = None
         self.in_flight = 0
@@ -297,6 +302,14 @@ class ToolServer:
         )
 
     async def _parse(self, request: Request) -> GenerateRequest:
+        if self._api_key is not None:
+            import hmac
+
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode()):
+                raise _Reject(
+                    401, "Unauthorized", "send Authorization: Bearer <the server's API key>"
+                )
         if self._draining is not None and self._draining.is_set():
             raise _Reject(503, "ShuttingDown", "the server is shutting down", retry_after=5)
         declared = request.headers.get("content-length")

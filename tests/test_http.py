@@ -1,0 +1,187 @@
+"""The shared HTTP client of the remote tools, against real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import io
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from genagent import ConfigurationError, ToolExecutionError, ToolUnavailable
+from genagent._http import HTTPClient, HTTPResponseError, retry_after, split_base_url
+
+from ._servers import Reply, ScriptedServer
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    with ScriptedServer() as s:
+        yield s
+
+
+def png(size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), "red").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def client(server: ScriptedServer, **kwargs: Any) -> HTTPClient:
+    kwargs.setdefault("sleep", Sleeps())
+    return HTTPClient(server.url, name="the test API", **kwargs)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "expected"),
+    [
+        ({"Retry-After": "3"}, 429, 3.0),
+        ({"retry-after-ms": "250"}, 429, 0.25),
+        ({"x-ratelimit-reset-requests": "1m30s"}, 429, 90.0),
+        ({"x-ratelimit-reset-tokens": "250ms"}, 429, 0.25),
+        ({"x-ratelimit-reset": "7"}, 429, 7.0),
+        ({"x-ratelimit-reset-requests": "1m30s"}, 503, None),  # only for 429
+        ({"Retry-After": "soon"}, 429, None),
+        ({"Retry-After": "nan"}, 429, None),
+        ({"Retry-After": "-4"}, 429, 0.0),
+        ({}, 429, None),
+    ],
+)
+def test_retry_after_reads_the_usual_headers(
+    headers: dict[str, str], status: int, expected: float | None
+) -> None:
+    assert retry_after(httpx.Headers(headers), status) == expected
+
+
+def test_retry_after_reads_an_http_date_and_an_epoch_reset() -> None:
+    date = email.utils.formatdate(time.time() + 20, usegmt=True)
+    assert 15 < retry_after(httpx.Headers({"Retry-After": date})) <= 20  # type: ignore[operator]
+    epoch = str(int(time.time()) + 30)
+    assert 25 < retry_after(httpx.Headers({"x-ratelimit-reset": epoch})) <= 30  # type: ignore[operator]
+
+
+def test_a_rate_limit_then_success_waits_as_told(server: ScriptedServer) -> None:
+    server.script(
+        "GET", "/v1/x",
+        Reply({"error": "slow down"}, 429, headers={"x-ratelimit-reset-requests": "2s"}),
+        Reply({"ok": True}),
+    )  # fmt: skip
+    sleeps = Sleeps()
+    assert run(client(server, sleep=sleeps).json("GET", "/v1/x")) == {"ok": True}
+    assert sleeps.calls == [2.0]
+
+
+def test_a_4xx_is_not_retried_and_carries_status_and_body(server: ScriptedServer) -> None:
+    server.script("POST", "/v1/x", Reply({"error": {"code": "bad_size"}}, 400))
+    with pytest.raises(HTTPResponseError) as info:
+        run(client(server).json("POST", "/v1/x", json={}))
+    assert info.value.status == 400 and info.value.data == {"error": {"code": "bad_size"}}
+    assert len(server.requests) == 1
+
+
+def test_credentials_go_only_to_the_api_host(server: ScriptedServer) -> None:
+    with ScriptedServer() as cdn:
+        cdn.script("GET", "/img.png", Reply(png(), headers={"Content-Type": "image/png"}))
+        server.script("GET", "/img.png", Reply(png(), headers={"Content-Type": "image/png"}))
+        http = client(server, api_key="k-SECRET-1", auth_header="x-key", auth_scheme="")
+        run(http.download(f"{cdn.url}/img.png", max_bytes=10_000))
+        run(http.download(f"{server.url}/img.png", max_bytes=10_000))
+    assert "x-key" not in {k.lower() for k in cdn.requests[0].headers}
+    assert server.requests[0].headers["x-key"] == "k-SECRET-1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (Reply("<html>login</html>", headers={"Content-Type": "text/html"}), "not an image"),
+        (Reply(b"x" * 5000, headers={"Content-Type": "image/png"}), "over the limit"),
+        (Reply(png(), headers={"Content-Type": "image/png", "Content-Length": "99999999"}),
+         "99,999,999 bytes"),
+    ],
+)  # fmt: skip
+def test_downloads_are_checked_for_type_and_size(
+    server: ScriptedServer, reply: Reply, message: str
+) -> None:
+    server.script("GET", "/out.png", reply)
+    with pytest.raises(ToolExecutionError, match=message):
+        run(client(server).download(f"{server.url}/out.png", max_bytes=1000))
+
+
+def test_a_url_that_is_not_http_is_never_fetched() -> None:
+    http = HTTPClient("http://127.0.0.1:9", sleep=Sleeps())
+    for url in ("file:///etc/passwd", "ftp://example.test/a.png", "javascript:alert(1)"):
+        with pytest.raises(ToolExecutionError, match="not http"):
+            run(http.download(url, max_bytes=100))
+
+
+def test_a_hung_server_is_a_typed_error_after_the_retries(server: ScriptedServer) -> None:
+    server.script("GET", "/slow", *[Reply({"ok": 1}, delay_s=1.0) for _ in range(2)])
+    with pytest.raises(ToolUnavailable, match=r"timed out.*gave up after 2 attempts"):
+        run(client(server, timeout_s=0.2, max_retries=1).json("GET", "/slow"))
+
+
+def test_a_body_that_is_not_json_is_a_model_visible_error(server: ScriptedServer) -> None:
+    server.script("GET", "/x", Reply("<html>502 Bad Gateway</html>"))
+    with pytest.raises(ToolExecutionError, match="not JSON"):
+        run(client(server).json("GET", "/x"))
+
+
+def test_the_key_is_redacted_from_errors_even_when_the_server_echoes_it(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script("GET", "/x", *[Reply("bad key sk-ECHO-SECRET-9", 503) for _ in range(2)])
+    caplog.set_level("DEBUG")
+    with pytest.raises(ToolUnavailable) as info:
+        run(client(server, api_key="sk-ECHO-SECRET-9", max_retries=1).json("GET", "/x"))
+    assert "sk-ECHO-SECRET-9" not in str(info.value) and "***" in str(info.value)
+    assert all("sk-ECHO-SECRET-9" not in r.getMessage() for r in caplog.records)
+
+
+def test_polling_stops_at_the_timeout_with_a_typed_error() -> None:
+    http = HTTPClient("http://127.0.0.1:9", sleep=Sleeps(), name="the job API")
+    now = [0.0]
+
+    async def fetch() -> str:
+        now[0] += 10
+        return "pending"
+
+    with pytest.raises(ToolUnavailable, match="not done after 60 s"):
+        run(
+            http.poll(
+                fetch, lambda s: s == "ready", what="the job", timeout_s=55, clock=lambda: now[0]
+            )
+        )
+
+
+def test_urls_with_credentials_or_bad_schemes() -> None:
+    base, params, basic = split_base_url("https://bob:p%40ss@host.test:8443/api/?v=2")
+    assert base == "https://host.test:8443/api" and params == {"v": "2"}
+    assert basic is not None and (basic.username, basic.password) == ("bob", "p@ss")
+    with pytest.raises(ConfigurationError) as info:
+        split_base_url("ftp://bob:hunter2@host.test/")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_client_pickles_without_its_connections(server: ScriptedServer) -> None:
+    server.always("GET", "/x", lambda r: Reply({"n": 1}))
+    http = client(server)
+    assert run(http.json("GET", "/x")) == {"n": 1}
+    copy = pickle.loads(pickle.dumps(http))
+    assert run(copy.json("GET", "/x")) == {"n": 1}
