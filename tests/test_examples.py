@@ -17,6 +17,11 @@ EXPECTED = {
     ],
     "custom_reward.py": ["candidate scores", "kept #", "final scene score"],
     "hooks_and_batches.py": ["24 runs", "refused calls"],
+    "remote_generator.py": [
+        "16 runs",
+        "requests served by image_generation_tool",
+        "server stopped",
+    ],
     "local_generator.py": [
         "tiny random FLUX pipeline",
         "answered: 'three red apples left of a blue cup' seeds=[0]",
