@@ -109,7 +109,9 @@ class ScriptedServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -122,6 +124,14 @@ class ScriptedServer:
 
     def always(self, method: str, path: str, handler: Handler) -> None:
         self.fallback[(method, path)] = handler
+
+    def reset(self) -> None:
+        """Forget every scripted reply, handler and recorded request (reuse across tests)."""
+        with self._lock:
+            self.routes.clear()
+            self.fallback.clear()
+            self.patterns.clear()
+            self.requests.clear()
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Answer every request whose path fully matches the regex ``pattern``."""

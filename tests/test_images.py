@@ -197,6 +197,14 @@ def test_truncated_png_is_rejected(store: MemoryImageStore | DirectoryImageStore
         store.put(data[: len(data) // 2])
 
 
+def test_a_png_cut_after_its_pixels_is_rejected(
+    store: MemoryImageStore | DirectoryImageStore,
+) -> None:
+    data = encode_png(Image.new("RGB", (16, 16), "red"))
+    with pytest.raises(InvalidImageError, match="no end chunk"):
+        store.put(data[:-12])  # the IEND chunk is gone; the pixels are all there
+
+
 def test_png_with_a_corrupt_chunk_is_rejected(
     store: MemoryImageStore | DirectoryImageStore,
 ) -> None:

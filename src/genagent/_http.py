@@ -68,9 +68,12 @@ class HTTPResponseError(ToolUnavailable):
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 @dataclass
@@ -200,8 +203,24 @@ class HTTPClient:
         timeout_s: float | None = None,
         retry_statuses: frozenset[int] | None = None,
         ok_statuses: frozenset[int] = frozenset(),
+        fatal_bodies: Sequence[str] = (),
     ) -> httpx.Response:
         """Send a request with retries; return the response of a 2xx (or ``ok_statuses``).
+
+        Args:
+            method: The HTTP method.
+            path: A path under the base URL, or an absolute URL.
+            json: A JSON body.
+            data: Form fields.
+            files: Multipart files.
+            params: Query parameters (added to the base URL's).
+            headers: Extra headers.
+            timeout_s: A read timeout for this request only.
+            retry_statuses: The 4xx statuses to retry (default 408, 425, 429); 5xx are retried
+                except 501 and 505.
+            ok_statuses: Error statuses to return instead of raising.
+            fatal_bodies: Texts that make a retryable status final when the body contains them
+                (e.g. ``"insufficient_quota"`` in a 429: waiting cannot help).
 
         Raises:
             HTTPResponseError: For an error status after retries (status, body, parsed JSON).
@@ -238,10 +257,14 @@ class HTTPClient:
             status = response.status_code
             if status < 400 or status in ok_statuses:
                 return response
-            if status in retryable or (500 <= status < 600 and status not in NOT_RETRIED_5XX):
+            fatal = any(text in response.text for text in fatal_bodies)
+            if not fatal and (
+                status in retryable or (500 <= status < 600 and status not in NOT_RETRIED_5XX)
+            ):
                 raise _Retryable(
                     f"HTTP {status} from {shown}: {self.redact(excerpt(response.text))}",
                     retry_after(response.headers, status),
+                    status,
                 )
             raise self._status_error(response, shown)
 
@@ -257,9 +280,14 @@ class HTTPClient:
                 with attempt:
                     return await once()
         except _Retryable as exc:
+            advice = (
+                "the rate limit did not clear: lower the concurrency (max_in_flight, run_batch "
+                "concurrency) or raise max_retries"
+                if exc.status == 429
+                else "check that the server is up, or raise max_retries / timeout_s"
+            )
             raise ToolUnavailable(
-                f"{self.name}: {exc} (gave up after {attempts} attempts); check that the "
-                "server is up, or raise max_retries / timeout_s"
+                f"{self.name}: {exc} (gave up after {attempts} attempts); {advice}"
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -349,6 +377,7 @@ class HTTPClient:
                     raise _Retryable(
                         f"HTTP {status} fetching {shown}: {body}",
                         retry_after(response.headers, status),
+                        status,
                     )
                 raise ToolExecutionError(
                     f"fetching the image {shown} failed with HTTP {status}: {body}",
@@ -457,7 +486,6 @@ class HTTPClient:
                 clients = [
                     httpx.AsyncClient(
                         timeout=self.timeout,
-                        headers=self.headers,
                         transport=self.transport,
                         follow_redirects=True,
                         max_redirects=5,
@@ -472,6 +500,8 @@ class HTTPClient:
     def _headers(self, url: str, extra: Mapping[str, str] | None) -> dict[str, str]:
         headers = dict(extra or {})
         if urlsplit(url).netloc == self._host:  # credentials go to the API's own host only
+            for key, value in self.headers.items():
+                headers.setdefault(key, value)
             if self._api_key:
                 value = f"{self.auth_scheme} {self._api_key}" if self.auth_scheme else self._api_key
                 headers.setdefault(self.auth_header, value)
@@ -483,7 +513,7 @@ class HTTPClient:
         status = response.status_code
         text = self.redact(response.text)
         try:
-            data = response.json()
+            data = self._redact_data(response.json())
         except ValueError:
             data = None
         message = f"HTTP {status} from {shown}: {excerpt(text)}"
@@ -495,6 +525,15 @@ class HTTPClient:
             )
             message += f". The server rejected the credentials: {where}"
         return HTTPResponseError(f"{self.name}: {message}", status=status, text=text, data=data)
+
+    def _redact_data(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {k: self._redact_data(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact_data(v) for v in value]
+        return value
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None

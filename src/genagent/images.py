@@ -356,6 +356,10 @@ def inspect_image(
         raise InvalidImageError(f"image data is corrupt or truncated: {exc}") from None
     if fmt not in _MIME:
         raise InvalidImageError(f"unsupported image format {fmt or 'unknown'!r}")
+    if fmt == "png" and b"IEND" not in data[-64:]:
+        # PIL decodes a PNG cut after its pixel data without complaint; the end marker says
+        # whether the whole file arrived
+        raise InvalidImageError("image data is truncated (the PNG has no end chunk)")
     return ImageRef(
         sha256=hashlib.sha256(data).hexdigest(),
         format=cast("ImageFormat", fmt),

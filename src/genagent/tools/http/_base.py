@@ -125,14 +125,14 @@ class RemoteTool:
             )
         if len(text) > self.max_image_bytes * 4 // 3 + 16:
             raise ToolExecutionError(
-                f"{self.service} returned a {what} over the limit of {self.max_image_bytes:,} "
-                "bytes (raise max_image_bytes if this is intended)"
+                f"{self.service} returned {what} data over the limit of "
+                f"{self.max_image_bytes:,} bytes (raise max_image_bytes if this is intended)"
             )
         try:
             data = decode_base64_image(text)
         except InvalidImageError as exc:
             raise ToolExecutionError(
-                f"{self.service} returned a {what} that cannot be decoded: {exc}",
+                f"{self.service} returned {what} data that cannot be decoded: {exc}",
                 hint="Try the call again.",
             ) from None
         return self.checked(data, what=what)
@@ -166,7 +166,7 @@ class RemoteTool:
             )
         except InvalidImageError as exc:
             raise ToolExecutionError(
-                f"{self.service} returned a {what} that is not usable: {exc}",
+                f"{self.service} returned {what} data that is not usable: {exc}",
                 hint="Try the call again.",
             ) from None
         return data
