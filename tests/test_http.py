@@ -185,3 +185,30 @@ def test_a_client_pickles_without_its_connections(server: ScriptedServer) -> Non
     assert run(http.json("GET", "/x")) == {"n": 1}
     copy = pickle.loads(pickle.dumps(http))
     assert run(copy.json("GET", "/x")) == {"n": 1}
+
+
+def test_a_submit_is_not_retried_when_the_server_may_have_acted(server: ScriptedServer) -> None:
+    server.script("POST", "/jobs", Reply({"id": 1}, delay_s=1.0), Reply({"id": 2}))
+    with pytest.raises(ToolUnavailable, match="not retried"):
+        run(client(server, timeout_s=0.2).json("POST", "/jobs", json={}, idempotent=False))
+    server.script("POST", "/jobs2", Reply("bad gateway", 502), Reply({"id": 3}))
+    with pytest.raises(HTTPResponseError, match="502"):
+        run(client(server).json("POST", "/jobs2", json={}, idempotent=False))
+    server.script(
+        "POST", "/jobs3", Reply("busy", 429, headers={"Retry-After": "1"}), Reply({"id": 4})
+    )
+    assert run(client(server).json("POST", "/jobs3", json={}, idempotent=False)) == {"id": 4}
+
+
+def test_a_quota_429_is_final(server: ScriptedServer) -> None:
+    server.script("POST", "/x", Reply({"error": {"code": "insufficient_quota"}}, 429))
+    with pytest.raises(HTTPResponseError, match="429"):
+        run(client(server).json("POST", "/x", json={}, fatal_bodies=("insufficient_quota",)))
+    assert len(server.requests) == 1
+
+
+def test_downloads_from_the_api_host_carry_its_query_string(server: ScriptedServer) -> None:
+    server.script("GET", "/view", Reply(png(), headers={"Content-Type": "image/png"}))
+    http = HTTPClient(f"{server.url}?token=abc", sleep=Sleeps())
+    run(http.download(f"{server.url}/view?filename=a.png", max_bytes=10_000))
+    assert server.requests[0].query == "filename=a.png&token=abc"

@@ -204,6 +204,7 @@ class HTTPClient:
         retry_statuses: frozenset[int] | None = None,
         ok_statuses: frozenset[int] = frozenset(),
         fatal_bodies: Sequence[str] = (),
+        idempotent: bool = True,
     ) -> httpx.Response:
         """Send a request with retries; return the response of a 2xx (or ``ok_statuses``).
 
@@ -221,6 +222,9 @@ class HTTPClient:
             ok_statuses: Error statuses to return instead of raising.
             fatal_bodies: Texts that make a retryable status final when the body contains them
                 (e.g. ``"insufficient_quota"`` in a 429: waiting cannot help).
+            idempotent: ``False`` for a request that starts a job (a submit): it is then
+                retried only when the server cannot have acted on it (no connection, 429, 503),
+                not after a read timeout or another 5xx, which could start the job twice.
 
         Raises:
             HTTPResponseError: For an error status after retries (status, body, parsed JSON).
@@ -228,6 +232,10 @@ class HTTPClient:
         """
         url = self.url(path)
         shown = self.redact(url.split("?", 1)[0])
+        # merged with the URL's own query (httpx's params= would replace it); the base URL's
+        # query (which may hold a token) goes to the API's own host only
+        own = self.params if urlsplit(url).netloc == self._host else {}
+        target = httpx.URL(url).copy_merge_params({**own, **(params or {})})
         retryable = RETRY_STATUS if retry_statuses is None else retry_statuses
         attempts = self.max_retries + 1
 
@@ -238,29 +246,44 @@ class HTTPClient:
                     with state.client() as http:
                         response = await http.request(
                             method,
-                            url,
+                            target,
                             json=json,
                             data=data,
                             files=files,
-                            params={**self.params, **(params or {})} or None,
                             headers=self._headers(url, headers),
                             timeout=httpx.Timeout(timeout_s, connect=self.timeout.connect)
                             if timeout_s is not None
                             else httpx.USE_CLIENT_DEFAULT,
                         )
             except httpx.TimeoutException as exc:
-                raise _Retryable(f"{method} {shown} timed out ({type(exc).__name__})") from None
+                message = f"{method} {shown} timed out ({type(exc).__name__})"
+                if not idempotent and not isinstance(
+                    exc, (httpx.ConnectTimeout, httpx.PoolTimeout)
+                ):
+                    raise ToolUnavailable(
+                        f"{self.name}: {message}; not retried, since the server may have "
+                        "started the job (raise timeout_s)"
+                    ) from None
+                raise _Retryable(message) from None
             except httpx.TransportError as exc:
-                raise _Retryable(
-                    f"cannot reach {shown}: {type(exc).__name__}: {self.redact(str(exc))}"
-                ) from None
+                message = f"cannot reach {shown}: {type(exc).__name__}: {self.redact(str(exc))}"
+                if not idempotent and not isinstance(exc, httpx.ConnectError):
+                    raise ToolUnavailable(
+                        f"{self.name}: {message}; not retried, since the server may have "
+                        "started the job"
+                    ) from None
+                raise _Retryable(message) from None
             status = response.status_code
             if status < 400 or status in ok_statuses:
                 return response
             fatal = any(text in response.text for text in fatal_bodies)
-            if not fatal and (
-                status in retryable or (500 <= status < 600 and status not in NOT_RETRIED_5XX)
-            ):
+            if not idempotent:
+                retry = status in (429, 503)
+            else:
+                retry = status in retryable or (
+                    500 <= status < 600 and status not in NOT_RETRIED_5XX
+                )
+            if retry and not fatal:
                 raise _Retryable(
                     f"HTTP {status} from {shown}: {self.redact(excerpt(response.text))}",
                     retry_after(response.headers, status),
@@ -342,7 +365,9 @@ class HTTPClient:
             except httpx.TimeoutException as exc:
                 raise _Retryable(f"GET {shown} timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
-                raise _Retryable(f"cannot fetch {shown}: {type(exc).__name__}") from None
+                raise _Retryable(
+                    f"cannot fetch {shown}: {type(exc).__name__}: {self.redact(str(exc))}"
+                ) from None
 
         try:
             async for attempt in tenacity.AsyncRetrying(
@@ -369,7 +394,10 @@ class HTTPClient:
         max_bytes: int,
         allowed_types: Sequence[str],
     ) -> bytes:
-        async with http.stream("GET", url, headers=self._headers(url, None)) as response:
+        target = httpx.URL(url)
+        if self.params and urlsplit(url).netloc == self._host:
+            target = target.copy_merge_params(self.params)
+        async with http.stream("GET", target, headers=self._headers(url, None)) as response:
             status = response.status_code
             if status >= 400:
                 body = self.redact(excerpt((await response.aread()).decode(errors="replace")))

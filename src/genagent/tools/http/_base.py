@@ -10,6 +10,7 @@ timeouts, rate limits, requests in flight, polling), ``image_from_base64`` and
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -51,6 +52,7 @@ class RemoteTool:
         headers: Extra HTTP headers.
         transport: An ``httpx`` transport (tests, proxies).
         sleep: The sleep between retries and polls (injectable for tests).
+        clock: The clock of ``poll_timeout_s`` (injectable for tests).
     """
 
     default_base_url: ClassVar[str | None] = None
@@ -79,6 +81,7 @@ class RemoteTool:
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from genagent.errors import ConfigurationError
 
@@ -109,6 +112,7 @@ class RemoteTool:
         self.poll_timeout_s = poll_timeout_s
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.clock = clock
 
     # ------------------------------------------------------------------ images
 
@@ -204,6 +208,7 @@ class RemoteTool:
             max_interval_s=self.max_poll_interval_s,
             timeout_s=self.poll_timeout_s,
             on_wait=self.waiting(ctx, what),
+            clock=self.clock,
         )
 
     # ------------------------------------------------------------------ records
