@@ -218,6 +218,36 @@ for _name, _target, _description in (
 ):
     _module = "genagent.tools" + ("." if ":" in _target else ":")
     tools.register(_name, _module + _target, description=_description)
+
+for _name, _target, _description in (
+    (
+        "genagent-server",
+        "GenAgentServerTool",
+        "a GenAgent /generate/ server (genagent serve): base_url=...",
+    ),
+    ("genagent-server-edit", "GenAgentServerEditTool", "an editing tool behind genagent serve"),
+    (
+        "openai-images",
+        "OpenAIImagesTool",
+        "OpenAI Images API (gpt-image-1, dall-e-3); OPENAI_API_KEY",
+    ),
+    ("openai-images-edit", "OpenAIImageEditTool", "OpenAI image edits (gpt-image-1, dall-e-2)"),
+    ("bfl", "BFLTool", "Black Forest Labs API (flux-pro-1.1, ...); BFL_API_KEY"),
+    ("bfl-edit", "BFLEditTool", "FLUX Kontext editing on the Black Forest Labs API"),
+    ("fal", "FalTool", "fal.ai queue (fal-ai/flux/dev, ...); FAL_KEY"),
+    ("fal-edit", "FalEditTool", "image editing on fal.ai (fal-ai/flux-pro/kontext)"),
+    (
+        "replicate",
+        "ReplicateTool",
+        "Replicate predictions (black-forest-labs/flux-dev, ...); REPLICATE_API_TOKEN",
+    ),
+    ("replicate-edit", "ReplicateEditTool", "editing on Replicate (flux-kontext-pro)"),
+    ("comfyui", "ComfyUITool", "a ComfyUI workflow in the API format: workflow=<file>"),
+    ("comfyui-edit", "ComfyUIEditTool", "a ComfyUI editing workflow (LoadImage + instruction)"),
+    ("a1111", "A1111Tool", "AUTOMATIC1111 / Forge txt2img (started with --api)"),
+    ("a1111-edit", "A1111EditTool", "AUTOMATIC1111 / Forge img2img"),
+):
+    tools.register(_name, f"genagent.tools.http:{_target}", description=_description)
 rewards.register(
     "scene",
     "genagent.sim:SceneJudge",

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-__all__ = ["GenerateRequest", "ToolServer", "serve"]
+__all__ = ["GenerateRequest", "ToolServer", "make_server", "serve"]
 
 logger = logging.getLogger("genagent.server")
 

@@ -38,7 +38,23 @@ from genagent.tools._families import (
     SDXLTool,
 )
 
-_REMOTE = ("GenAgentServerEditTool", "GenAgentServerTool", "RemoteTool")
+_REMOTE = (
+    "A1111EditTool",
+    "A1111Tool",
+    "BFLEditTool",
+    "BFLTool",
+    "ComfyUIEditTool",
+    "ComfyUITool",
+    "FalEditTool",
+    "FalTool",
+    "GenAgentServerEditTool",
+    "GenAgentServerTool",
+    "OpenAIImageEditTool",
+    "OpenAIImagesTool",
+    "RemoteTool",
+    "ReplicateEditTool",
+    "ReplicateTool",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -51,11 +67,19 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "A1111EditTool",
+    "A1111Tool",
+    "BFLEditTool",
+    "BFLTool",
     "BatcherStats",
+    "ComfyUIEditTool",
+    "ComfyUITool",
     "DiffusersEditTool",
     "DiffusersTool",
     "EditArgs",
     "EditTool",
+    "FalEditTool",
+    "FalTool",
     "Family",
     "FluxKontextTool",
     "FluxTool",
@@ -66,9 +90,13 @@ __all__ = [
     "GenerationTool",
     "Lora",
     "MicroBatcher",
+    "OpenAIImageEditTool",
+    "OpenAIImagesTool",
     "QwenImageEditTool",
     "QwenImageTool",
     "RemoteTool",
+    "ReplicateEditTool",
+    "ReplicateTool",
     "SD3Tool",
     "SDXLTool",
     "Tool",

@@ -212,13 +212,12 @@ class _OutOfMemory(Exception):
 # --------------------------------------------------------------------------- the tools
 
 
-class _DiffusersBackend:
+class _DiffusersBackend(Tool, abstract=True):
     """Loading, configuration, batching and calling shared by the diffusers tools."""
 
     default_family: ClassVar[Family | None] = None
     _edit: ClassVar[bool] = False
     max_images_per_call: ClassVar[int] = 64
-    name: ClassVar[str]
 
     def __init__(
         self,
@@ -829,7 +828,7 @@ class _DiffusersBackend:
 
     def __getstate__(self) -> dict[str, Any]:
         # the pipeline and the worker thread stay in this process; set-up runs again there
-        state = Tool.__getstate__(self)  # type: ignore[arg-type]
+        state = super().__getstate__()
         for key in ("pipe", "_batcher", "_lock"):
             state.pop(key, None)
         state["_call_params"] = frozenset()

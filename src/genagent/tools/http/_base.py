@@ -24,13 +24,16 @@ from genagent.images import (
     decode_base64_image,
     inspect_image,
 )
-from genagent.tools._base import ToolContext
+from genagent.tools._base import Tool, ToolContext
 
 __all__ = ["HTTPResponseError", "RemoteTool"]
 
 
-class RemoteTool:
-    """Base of the remote adapters (mixed in before ``GenerationTool`` or ``EditTool``).
+class RemoteTool(Tool, abstract=True):
+    """Base of the remote adapters: subclass it with ``GenerationTool`` or ``EditTool``.
+
+    ``class MyAPITool(RemoteTool, GenerationTool)`` gets the shared plumbing; a shared base of a
+    generation and an editing adapter passes ``abstract=True``.
 
     Args:
         base_url: The API's base URL (each adapter has a default where the API has one).
@@ -60,7 +63,6 @@ class RemoteTool:
     auth_header: ClassVar[str] = "Authorization"
     auth_scheme: ClassVar[str] = "Bearer"
     service: ClassVar[str] = "the service"
-    name: ClassVar[str]
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ _VISIBLE: dict[str, type[ModelVisibleError]] = {
 }
 
 
-class _GenAgentServer(RemoteTool):
+class _GenAgentServer(RemoteTool, abstract=True):
     service: ClassVar[str] = "the GenAgent server"
     default_base_url: ClassVar[str | None] = "http://127.0.0.1:8000"
     api_key_env: ClassVar[tuple[str, ...]] = ("GENAGENT_SERVER_API_KEY",)
