@@ -82,3 +82,20 @@ def test_diffusers_batching_reports_throughput_and_image_equality() -> None:
     assert 1 <= results["micro_batched_pipeline_calls"] <= 3
     assert results["max_pixel_diff"] <= 1 and results["values_compared"] == 3 * 16 * 16 * 3
     assert results["throughput_ratio"] > 0
+
+
+def test_remote_concurrency_reports_speedups() -> None:
+    pytest.importorskip("uvicorn")
+    result = subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "remote_concurrency.py"),
+            "--prompts", "8", "--latency-ms", "20", "--concurrency", "1", "4", "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    assert results["c1_answered"] == results["c4_answered"] == 8
+    assert results["c4_speedup"] > 0

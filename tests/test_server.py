@@ -380,3 +380,23 @@ def test_serve_refuses_a_registry_name_that_makes_several_tools() -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "serve one per process" in result.stderr
+
+
+def test_the_server_key_never_shows_in_logs_errors_or_saved_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    secret = "srv-SECRET-LEAK-7"
+    caplog.set_level("DEBUG")
+    with running(Painter(), api_key=secret) as (_server, url):
+        monkeypatch.setenv("GENAGENT_SERVER_API_KEY", secret)
+        tool = GenAgentServerTool(url, sleep=Sleeps(), max_retries=1)
+        policy = ScriptedPolicy([call("a cat"), call("explode now"), ANSWER])
+        with pytest.raises(ToolUnavailable) as info:
+            Agent(tool=tool, policy=policy).run("a cat", seed=1)
+    trajectory = info.value.trajectory
+    assert trajectory is not None and trajectory.num_rounds == 1
+    folder = trajectory.save(tmp_path / "run")
+    texts = [str(info.value), repr(tool), json.dumps(tool.describe())]
+    texts += [r.getMessage() for r in caplog.records]
+    texts += [p.read_bytes().decode("latin-1") for p in folder.rglob("*") if p.is_file()]
+    assert all(secret not in text for text in texts)
