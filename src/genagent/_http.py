@@ -608,13 +608,11 @@ def split_base_url(url: str) -> tuple[str, dict[str, str], _BasicAuth | None]:
         host = parts.hostname
         port = parts.port
     except ValueError:
-        raise ConfigurationError(
-            "the URL is not valid; pass e.g. 'http://localhost:8000'"
-        ) from None
+        raise ConfigurationError("not a valid URL; pass e.g. 'http://localhost:8000'") from None
     if parts.scheme not in ("http", "https") or not host:
         shown = f"{parts.scheme}://{host or ''}{parts.path}" if parts.scheme else "(not a URL)"
         raise ConfigurationError(
-            f"the URL must be http(s), such as 'http://localhost:8000', got {shown!r}"
+            f"the URL must be an http(s) URL such as 'http://localhost:8000', got {shown!r}"
         )
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:

@@ -11,7 +11,6 @@ short excerpt of the body. API keys never appear in errors, logs or metadata.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import math
@@ -24,10 +23,10 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
+from genagent._http import excerpt, retry_after, split_base_url
 from genagent.errors import ConfigurationError, PolicyError
 from genagent.images import ImageRef, encode_png, to_data_uri
 from genagent.messages import Message, TextPart
@@ -251,28 +250,30 @@ class OpenAIPolicy:
 
     def _decode(self, response: httpx.Response, url: str) -> Any:
         status = response.status_code
-        excerpt = _excerpt(response.text)
+        body = excerpt(response.text)
         if status in _RETRY_STATUS or (500 <= status < 600 and status not in _NOT_RETRIED_5XX):
-            raise _Retryable(f"HTTP {status} from {url}: {excerpt}", _retry_after(response.headers))
+            raise _Retryable(
+                f"HTTP {status} from {url}: {body}", retry_after(response.headers, status)
+            )
         if status >= 400:
             if status == 400 and _TOO_MANY_IMAGES.search(response.text):
                 raise PolicyError(
                     f"HTTP 400 from {url}: the server refuses this many images in one prompt "
-                    f"({excerpt}). Raise its per-prompt image limit, e.g. start vLLM with "
+                    f"({body}). Raise its per-prompt image limit, e.g. start vLLM with "
                     "--limit-mm-per-prompt '{\"image\": 16}' (older vLLM: "
                     "--limit-mm-per-prompt image=16), or lower Agent(max_rounds=...)."
                 )
             if status in (401, 403):
                 raise PolicyError(
                     f"HTTP {status} from {url}: the server rejected the credentials; set "
-                    f"{self.api_key_env} or pass api_key=... ({excerpt})"
+                    f"{self.api_key_env} or pass api_key=... ({body})"
                 )
-            raise PolicyError(f"HTTP {status} from {url}: {excerpt}")
+            raise PolicyError(f"HTTP {status} from {url}: {body}")
         try:
             return response.json()
         except ValueError:
             raise PolicyError(
-                f"HTTP {status} from {url} is not JSON; the body starts: {excerpt}"
+                f"HTTP {status} from {url} is not JSON; the body starts: {body}"
             ) from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -348,7 +349,7 @@ def _parse_completion(data: Any, stop: Sequence[str], url: str) -> PolicyOutput:
 
     def bad(reason: str) -> PolicyError:
         return PolicyError(
-            f"malformed response from {url}: {reason}; body: {_excerpt(json.dumps(data))}"
+            f"malformed response from {url}: {reason}; body: {excerpt(json.dumps(data))}"
         )
 
     if not isinstance(data, dict):
@@ -420,56 +421,10 @@ def _count(value: Any) -> int:
     return 0
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``.
-
-    An unparseable or non-finite value is ignored (``None``: the policy's own backoff applies).
-    """
-    value = headers.get("retry-after")
-    seconds: float | None
-    try:
-        if value is None:
-            ms = headers.get("retry-after-ms")
-            seconds = float(ms) / 1000 if ms is not None else None
-        else:
-            try:
-                seconds = float(value)
-            except ValueError:
-                parsed = email.utils.parsedate_to_datetime(value)
-                seconds = parsed.timestamp() - time.time()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if seconds is None or not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
 def _split_base_url(url: str) -> tuple[str, dict[str, str], httpx.BasicAuth | None]:
-    """``(base URL without credentials or query, query parameters, basic auth or None)``."""
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        raise ConfigurationError(
-            "base_url is not a valid URL; pass e.g. 'http://localhost:8000/v1'"
-        ) from None
-    if parts.scheme not in ("http", "https") or not host:
-        shown = f"{parts.scheme}://{host or ''}{parts.path}" if parts.scheme else "(not a URL)"
-        raise ConfigurationError(
-            f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {shown!r}"
-        )
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    path = parts.path.rstrip("/") or "/v1"
-    auth = None
-    if parts.username is not None or parts.password is not None:
-        auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
-    params = dict(parse_qsl(parts.query, keep_blank_values=True))
-    return f"{parts.scheme}://{netloc}{path}", params, auth
-
-
-def _excerpt(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    """The shared URL split, with credentials as ``httpx`` basic auth."""
+    base, params, basic = split_base_url(url)
+    if base.count("/") == 2:  # a bare host: the OpenAI routes live under /v1
+        base += "/v1"
+    auth = httpx.BasicAuth(basic.username, basic.password) if basic is not None else None
+    return base, params, auth
