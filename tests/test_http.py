@@ -193,7 +193,12 @@ def test_a_submit_is_not_retried_when_the_server_may_have_acted(server: Scripted
         run(client(server, timeout_s=0.2).json("POST", "/jobs", json={}, idempotent=False))
     server.script("POST", "/jobs2", Reply("bad gateway", 502), Reply({"id": 3}))
     with pytest.raises(HTTPResponseError, match="502"):
-        run(client(server).json("POST", "/jobs2", json={}, idempotent=False))
+        run(client(server).json("POST", "/jobs2", json={}, idempotent=False, retry_failed=False))
+    server.script("POST", "/jobs5", Reply("failed", 500), Reply({"id": 5}))
+    assert run(client(server).json("POST", "/jobs5", json={}, idempotent=False)) == {"id": 5}
+    server.script("POST", "/jobs6", Reply("gateway timeout", 504), Reply({"id": 6}))
+    with pytest.raises(HTTPResponseError, match="504"):
+        run(client(server).json("POST", "/jobs6", json={}, idempotent=False))
     server.script(
         "POST", "/jobs3", Reply("busy", 429, headers={"Retry-After": "1"}), Reply({"id": 4})
     )

@@ -282,10 +282,11 @@ def test_a_500_that_persists_ends_the_run_with_the_servers_error(server: Scripte
 
 
 def test_a_hung_connection_times_out_into_tool_unavailable(server: ScriptedServer) -> None:
+    # the web UI may still be generating: a second request would queue a duplicate
     server.script("POST", TXT2IMG, *[Reply(answer([png()]), delay_s=0.4) for _ in range(2)])
-    with pytest.raises(ToolUnavailable, match=r"timed out.*gave up after 2 attempts"):
+    with pytest.raises(ToolUnavailable, match=r"timed out.*not retried"):
         call(tool_for(server, timeout_s=0.2, max_retries=1))
-    assert len(server.requests) == 2
+    assert len(server.requests) == 1
 
 
 # --------------------------------------------------------------------------- errors

@@ -307,13 +307,13 @@ def test_500_then_success(api: ScriptedServer, cdn: ScriptedServer, sleeps: Slee
     assert len(polls(api)) == 2 and len(sleeps.calls) == 2
 
 
-def test_a_hung_connection_times_out_after_retries(api: ScriptedServer, sleeps: Sleeps) -> None:
+def test_a_hung_submit_times_out_and_is_not_sent_twice(api: ScriptedServer, sleeps: Sleeps) -> None:
+    # the task may have been created (and billed): a second submit could create another
     api.always("POST", SUBMIT, lambda r: Reply({"id": "late"}, delay_s=0.4))
     tool = bfl(api, sleeps, timeout_s=0.15, max_retries=1)
-    with pytest.raises(ToolUnavailable, match="timed out") as caught:
+    with pytest.raises(ToolUnavailable, match=r"timed out.*not retried"):
         call(tool)
-    assert "gave up after 2 attempts" in str(caught.value)
-    assert len(api.requests) == 2
+    assert len(api.requests) == 1
 
 
 def test_a_hung_image_download_times_out(

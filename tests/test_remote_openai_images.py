@@ -382,9 +382,9 @@ def test_500_then_success_backs_off_once(server: ScriptedServer) -> None:
 def test_a_hung_server_is_unavailable_after_the_retries(server: ScriptedServer) -> None:
     server.script("POST", GENERATIONS, *[Reply(images_body(png()), delay_s=1.0)] * 2)
     tool = tool_for(server, timeout_s=0.3, max_retries=1)
-    with pytest.raises(ToolUnavailable, match=r"timed out.*gave up after 2 attempts") as info:
-        run_once(tool)
-    assert info.value.trajectory is not None and len(server.requests) == 2
+    with pytest.raises(ToolUnavailable, match=r"timed out.*not retried") as info:
+        run_once(tool)  # the image may still be generated (and billed): not asked for twice
+    assert info.value.trajectory is not None and len(server.requests) == 1
 
 
 # --------------------------------------------------------------------------- bad answers

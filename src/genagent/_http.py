@@ -42,6 +42,37 @@ logger = logging.getLogger("genagent.http")
 
 T = TypeVar("T")
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+_SECRETS: weakref.WeakSet[HTTPClient] = weakref.WeakSet()
+
+
+class _RedactingFilter(logging.Filter):
+    """Takes every live client's secrets out of httpx's own log lines (it logs full URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        clients = list(_SECRETS)
+        if clients:
+            message = record.getMessage()
+            redacted = message
+            for client in clients:
+                redacted = client.redact(redacted)
+            if redacted != message:
+                record.msg, record.args = redacted, ()
+        return True
+
+
+_log_filter_installed = False
+
+
+def _install_log_filter() -> None:
+    global _log_filter_installed
+    if not _log_filter_installed:
+        _log_filter_installed = True
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).addFilter(_RedactingFilter())
+
+
 RETRY_STATUS = frozenset({408, 425, 429})
 _SHARD = 8  # requests in flight per connection pool (see _Loop)
 NOT_RETRIED_5XX = frozenset({501, 505})  # not implemented / HTTP version: retrying cannot help
@@ -117,6 +148,8 @@ class HTTPClient:
         backoff_s: Base of the exponential backoff (full jitter).
         max_backoff_s: Longest single wait, ``Retry-After`` included.
         max_in_flight: Most requests in flight at once (per event loop).
+        download_timeout_s: Longest one image download may take in all (the read timeout
+            applies per chunk, so a server dripping bytes would otherwise hold it for hours).
         transport: An ``httpx`` transport (tests, proxies).
         sleep: The sleep between retries and polls (injectable for tests).
         name: Names the endpoint in errors and logs.
@@ -137,6 +170,7 @@ class HTTPClient:
         backoff_s: float = 0.5,
         max_backoff_s: float = 60.0,
         max_in_flight: int = 16,
+        download_timeout_s: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         name: str = "the server",
@@ -168,7 +202,13 @@ class HTTPClient:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
-        self._host = urlsplit(self.base_url).netloc
+        if download_timeout_s <= 0:
+            raise ConfigurationError("download_timeout_s must be a positive number of seconds")
+        self.download_timeout_s = download_timeout_s
+        parts = urlsplit(self.base_url)
+        self._origin = (parts.scheme, parts.netloc)
+        _SECRETS.add(self)
+        _install_log_filter()
 
     # ------------------------------------------------------------------ public
 
@@ -184,11 +224,25 @@ class HTTPClient:
         return f"{self.base_url}/{path.lstrip('/')}"
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key and basic-auth password replaced by ``***``."""
-        for secret in (self._api_key, self._basic.password if self._basic else None):
+        """``text`` with the secrets replaced by ``***``.
+
+        The secrets are the API key, the basic-auth password and the base URL's query values
+        (which may be tokens).
+        """
+        secrets = [self._api_key, self._basic.password if self._basic else None]
+        secrets += list(self.params.values())
+        for secret in secrets:
             if secret and len(secret) >= 4:
                 text = text.replace(secret, "***")
         return text
+
+    def is_own(self, url: str | httpx.URL) -> bool:
+        """Whether ``url`` is on the API's own origin (scheme, host and port).
+
+        Only such URLs get the credentials and the base URL's query.
+        """
+        parts = urlsplit(str(url))
+        return (parts.scheme, parts.netloc) == self._origin
 
     async def request(
         self,
@@ -205,6 +259,7 @@ class HTTPClient:
         ok_statuses: frozenset[int] = frozenset(),
         fatal_bodies: Sequence[str] = (),
         idempotent: bool = True,
+        retry_failed: bool = True,
     ) -> httpx.Response:
         """Send a request with retries; return the response of a 2xx (or ``ok_statuses``).
 
@@ -222,9 +277,13 @@ class HTTPClient:
             ok_statuses: Error statuses to return instead of raising.
             fatal_bodies: Texts that make a retryable status final when the body contains them
                 (e.g. ``"insufficient_quota"`` in a 429: waiting cannot help).
-            idempotent: ``False`` for a request that starts a job (a submit): it is then
-                retried only when the server cannot have acted on it (no connection, 429, 503),
-                not after a read timeout or another 5xx, which could start the job twice.
+            idempotent: ``False`` for a request that starts a job (a submit, a synchronous
+                generation): it is not retried after a read timeout, a dropped connection or a
+                504, after which the server may still be running it; retrying could run (and
+                bill) it twice.
+            retry_failed: With ``idempotent=False``, whether a 5xx (the server says the request
+                failed) is retried; ``False`` retries only 429 and 503, for APIs where a failed
+                submit may still have created the job.
 
         Raises:
             HTTPResponseError: For an error status after retries (status, body, parsed JSON).
@@ -232,28 +291,29 @@ class HTTPClient:
         """
         url = self.url(path)
         shown = self.redact(url.split("?", 1)[0])
-        # merged with the URL's own query (httpx's params= would replace it); the base URL's
-        # query (which may hold a token) goes to the API's own host only
-        own = self.params if urlsplit(url).netloc == self._host else {}
-        target = httpx.URL(url).copy_merge_params({**own, **(params or {})})
         retryable = RETRY_STATUS if retry_statuses is None else retry_statuses
         attempts = self.max_retries + 1
+        read_timeout = (
+            httpx.Timeout(timeout_s, connect=self.timeout.connect)
+            if timeout_s is not None
+            else self.timeout
+        )
 
         async def once() -> httpx.Response:
             state = self._state()
             try:
                 async with state.slots:
                     with state.client() as http:
-                        response = await http.request(
+                        response = await self._send(
+                            http,
                             method,
-                            target,
+                            url,
+                            params=params,
+                            headers=headers,
+                            timeout=read_timeout,
                             json=json,
                             data=data,
                             files=files,
-                            headers=self._headers(url, headers),
-                            timeout=httpx.Timeout(timeout_s, connect=self.timeout.connect)
-                            if timeout_s is not None
-                            else httpx.USE_CLIENT_DEFAULT,
                         )
             except httpx.TimeoutException as exc:
                 message = f"{method} {shown} timed out ({type(exc).__name__})"
@@ -277,15 +337,15 @@ class HTTPClient:
             if status < 400 or status in ok_statuses:
                 return response
             fatal = any(text in response.text for text in fatal_bodies)
-            if not idempotent:
-                retry = status in (429, 503)
-            else:
-                retry = status in retryable or (
-                    500 <= status < 600 and status not in NOT_RETRIED_5XX
-                )
+            retry = status in retryable or (500 <= status < 600 and status not in NOT_RETRIED_5XX)
+            if not idempotent and (
+                status == 504  # a gateway timeout: the job may be running behind it
+                or (not retry_failed and 500 <= status < 600 and status != 503)
+            ):
+                retry = False
             if retry and not fatal:
                 raise _Retryable(
-                    f"HTTP {status} from {shown}: {self.redact(excerpt(response.text))}",
+                    f"HTTP {status} from {shown}: {excerpt(self.redact(response.text))}",
                     retry_after(response.headers, status),
                     status,
                 )
@@ -314,6 +374,60 @@ class HTTPClient:
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _send(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        timeout: httpx.Timeout,
+        stream: bool = False,
+        **body: Any,
+    ) -> httpx.Response:
+        """Send one request, following redirects by hand.
+
+        Each hop gets the credentials, the base query and the caller's headers only if it is on
+        the API's own origin: httpx would carry custom auth headers to any host a redirect names.
+        """
+        current = httpx.URL(url)
+        first = current
+        for hop in range(_MAX_REDIRECTS + 1):
+            if current.scheme not in ("http", "https"):
+                raise ToolExecutionError(
+                    f"{self.name} redirected to a URL that is not http(s)",
+                    hint="Try the call again.",
+                )
+            own = self.is_own(current)
+            query = {**(self.params if own else {}), **((params or {}) if current == first else {})}
+            target = current.copy_merge_params(query) if query else current
+            same = current.scheme == first.scheme and current.netloc == first.netloc
+            request = http.build_request(
+                method,
+                target,
+                headers=self._headers(str(current), headers if same else None),
+                timeout=timeout,
+                **body,
+            )
+            response = await http.send(request, stream=stream)
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            await response.aclose()
+            if hop == _MAX_REDIRECTS:
+                break
+            current = current.join(location)
+            if response.status_code == 303 or (
+                response.status_code in (301, 302) and method == "POST"
+            ):
+                method, body = "GET", {}
+        raise ToolExecutionError(
+            f"{self.name}: more than {_MAX_REDIRECTS} redirects from "
+            f"{self.redact(str(first.copy_with(query=None)))}",
+            hint="Try the call again.",
+        )
+
     async def json(self, method: str, path: str, **kwargs: Any) -> Any:
         """:meth:`request` and parse the body as JSON.
 
@@ -326,7 +440,7 @@ class HTTPClient:
         except ValueError:
             raise ToolExecutionError(
                 f"{self.name} answered {method} {self.redact(self.url(path).split('?')[0])} "
-                f"with a body that is not JSON: {self.redact(excerpt(response.text))}",
+                f"with a body that is not JSON: {excerpt(self.redact(response.text))}",
                 hint="Try the call again.",
             ) from None
 
@@ -350,7 +464,7 @@ class HTTPClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ToolExecutionError(
-                f"{self.name} returned an image URL that is not http(s): {self.redact(url[:80])!r}",
+                f"{self.name} returned an image URL that is not http(s): {self.redact(url)[:80]!r}",
                 hint="Try the call again.",
             )
         shown = self.redact(f"{parts.scheme}://{parts.netloc}{parts.path}")
@@ -361,7 +475,16 @@ class HTTPClient:
             try:
                 async with state.slots:
                     with state.client() as http:
-                        return await self._read_image(http, url, shown, max_bytes, allowed_types)
+                        return await asyncio.wait_for(
+                            self._read_image(http, url, shown, max_bytes, allowed_types),
+                            self.download_timeout_s,
+                        )
+            except asyncio.TimeoutError:
+                raise ToolExecutionError(
+                    f"fetching {shown} took over {self.download_timeout_s:.0f} s "
+                    "(raise download_timeout_s if the images are that slow to arrive)",
+                    hint="Try the call again.",
+                ) from None
             except httpx.TimeoutException as exc:
                 raise _Retryable(f"GET {shown} timed out ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
@@ -394,13 +517,13 @@ class HTTPClient:
         max_bytes: int,
         allowed_types: Sequence[str],
     ) -> bytes:
-        target = httpx.URL(url)
-        if self.params and urlsplit(url).netloc == self._host:
-            target = target.copy_merge_params(self.params)
-        async with http.stream("GET", target, headers=self._headers(url, None)) as response:
+        response = await self._send(
+            http, "GET", url, params=None, headers=None, timeout=self.timeout, stream=True
+        )
+        async with contextlib.aclosing(_Closing(response)):
             status = response.status_code
             if status >= 400:
-                body = self.redact(excerpt((await response.aread()).decode(errors="replace")))
+                body = excerpt(self.redact((await response.aread()).decode(errors="replace")))
                 if status in RETRY_STATUS or (status >= 500 and status not in NOT_RETRIED_5XX):
                     raise _Retryable(
                         f"HTTP {status} fetching {shown}: {body}",
@@ -515,8 +638,7 @@ class HTTPClient:
                     httpx.AsyncClient(
                         timeout=self.timeout,
                         transport=self.transport,
-                        follow_redirects=True,
-                        max_redirects=5,
+                        follow_redirects=False,  # _send follows them, hop by hop
                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=_SHARD),
                     )
                     for _ in range(shards)
@@ -527,7 +649,7 @@ class HTTPClient:
 
     def _headers(self, url: str, extra: Mapping[str, str] | None) -> dict[str, str]:
         headers = dict(extra or {})
-        if urlsplit(url).netloc == self._host:  # credentials go to the API's own host only
+        if self.is_own(url):  # credentials go to the API's own origin only
             for key, value in self.headers.items():
                 headers.setdefault(key, value)
             if self._api_key:
@@ -582,6 +704,16 @@ class HTTPClient:
             state.attempt_number,
             self.max_retries + 1,
         )
+
+
+class _Closing:
+    """``aclose`` for a streamed response, for ``contextlib.aclosing``."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ class _A1111(RemoteTool, abstract=True):
         count = int(body["batch_size"])
         start = time.perf_counter()
         try:
-            data = await self.http.json("POST", self.endpoint, json=body)
+            data = await self.http.json("POST", self.endpoint, json=body, idempotent=False)
         except HTTPResponseError as exc:
             raise self._error(exc) from None
         except (asyncio.CancelledError, KeyboardInterrupt):

@@ -224,7 +224,7 @@ class _BFL(RemoteTool, abstract=True):
         body, used = self._body(prompt, ctx, image)
         start = time.perf_counter()
         try:
-            task = await self.http.json("POST", f"/v1/{self.model}", json=body)
+            task = await self.http.json("POST", f"/v1/{self.model}", json=body, idempotent=False)
         except HTTPResponseError as exc:
             raise self._submit_error(exc) from None
         if not isinstance(task, Mapping) or not isinstance(task.get("id"), str) or not task["id"]:

@@ -349,7 +349,7 @@ class _ComfyUI(RemoteTool, abstract=True):
         """``POST /prompt``; the prompt id."""
         body = {"prompt": workflow, "client_id": self.client_id}
         try:
-            data = await self.http.json("POST", "/prompt", json=body)
+            data = await self.http.json("POST", "/prompt", json=body, idempotent=False)
         except HTTPResponseError as exc:
             if exc.status == 400 and isinstance(exc.data, dict):
                 raise ToolUnavailable(self._rejected(exc.data)) from None

@@ -210,7 +210,7 @@ class _Fal(RemoteTool, abstract=True):
         body, used = self._body(prompt, ctx, image_url)
         start = time.perf_counter()
         try:
-            queued = await self.http.json("POST", f"/{self.model}", json=body)
+            queued = await self.http.json("POST", f"/{self.model}", json=body, idempotent=False)
         except HTTPResponseError as exc:
             raise self._error(exc, "the request") from None
         request_id = queued.get("request_id") if isinstance(queued, Mapping) else None

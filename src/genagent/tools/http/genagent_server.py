@@ -87,7 +87,7 @@ class _GenAgentServer(RemoteTool, abstract=True):
         body.update(self.extra_body)
         start = time.perf_counter()
         try:
-            data = await self.http.json("POST", self.path, json=body)
+            data = await self.http.json("POST", self.path, json=body, idempotent=False)
         except HTTPResponseError as exc:
             error = exc.data.get("error") if isinstance(exc.data, dict) else None
             if isinstance(error, dict) and error.get("type") in _VISIBLE:

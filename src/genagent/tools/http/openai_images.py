@@ -298,11 +298,13 @@ class _OpenAIImages(RemoteTool, abstract=True):
         fields = self._fields(prompt, n, size)
         try:
             if image is None:
-                data = await self.http.json("POST", "/images/generations", json=fields)
+                data = await self.http.json(
+                    "POST", "/images/generations", json=fields, idempotent=False
+                )
             else:
                 form = {k: _form_value(v) for k, v in fields.items() if v is not None}
                 data = await self.http.json(
-                    "POST", "/images/edits", data=form, files={"image": image}
+                    "POST", "/images/edits", data=form, files={"image": image}, idempotent=False
                 )
         except HTTPResponseError as exc:
             raise self._error(exc) from None

@@ -401,7 +401,13 @@ class _Replicate(RemoteTool, abstract=True):
         try:
             # not retried after a read timeout or a 5xx but 503: the prediction may exist
             prediction = await self.http.json(
-                "POST", path, json=body, headers=headers, timeout_s=timeout_s, idempotent=False
+                "POST",
+                path,
+                json=body,
+                headers=headers,
+                timeout_s=timeout_s,
+                idempotent=False,
+                retry_failed=False,
             )
         except HTTPResponseError as exc:
             raise self._create_error(exc) from None
