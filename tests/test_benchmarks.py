@@ -89,7 +89,7 @@ def test_remote_concurrency_reports_speedups() -> None:
     result = subprocess.run(
         [
             sys.executable, str(BENCHMARKS / "remote_concurrency.py"),
-            "--prompts", "8", "--latency-ms", "20", "--concurrency", "1", "4", "--json",
+            "--prompts", "8", "--latency-ms", "50", "--concurrency", "1", "4", "--json",
         ],
         capture_output=True,
         text=True,
@@ -98,4 +98,6 @@ def test_remote_concurrency_reports_speedups() -> None:
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)["results"]
     assert results["c1_answered"] == results["c4_answered"] == 8
-    assert results["c4_speedup"] > 0
+    # 4 requests in flight overlap the 50 ms waits: about 4x, and well over 1.5x even on a
+    # loaded 2-core machine; a client that serialised them would give 1x
+    assert results["c4_speedup"] > 1.5, results

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import io
 import pickle
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -217,3 +218,90 @@ def test_downloads_from_the_api_host_carry_its_query_string(server: ScriptedServ
     http = HTTPClient(f"{server.url}?token=abc", sleep=Sleeps())
     run(http.download(f"{server.url}/view?filename=a.png", max_bytes=10_000))
     assert server.requests[0].query == "filename=a.png&token=abc"
+
+
+def test_a_redirect_to_another_host_does_not_carry_credentials(server: ScriptedServer) -> None:
+    with ScriptedServer() as cdn:
+        cdn.script("GET", "/img.png", Reply(png(), headers={"Content-Type": "image/png"}))
+        server.script("GET", "/r.png", Reply("", 302, headers={"Location": f"{cdn.url}/img.png"}))
+        http = client(
+            server,
+            api_key="k-SECRET-2",
+            auth_header="x-key",
+            auth_scheme="",
+            headers={"X-Org": "org-SECRET-3"},
+        )
+        image = run(http.download(f"{server.url}/r.png", max_bytes=10_000))
+    assert image == png()
+    sent = {k.lower(): v for k, v in cdn.requests[0].headers.items()}
+    assert "x-key" not in sent and "x-org" not in sent
+    assert server.requests[0].headers["x-key"] == "k-SECRET-2"
+
+
+def test_plain_http_to_the_api_host_gets_no_credentials(server: ScriptedServer) -> None:
+    # the API is https; a returned http:// URL on the same host must not receive the key
+    host = server.url.removeprefix("http://")
+    server.script("GET", "/img.png", Reply(png(), headers={"Content-Type": "image/png"}))
+    http = HTTPClient(
+        f"https://{host}?token=q-SECRET-4",
+        api_key="k-SECRET-5",
+        sleep=Sleeps(),
+    )
+    run(http.download(f"http://{host}/img.png", max_bytes=10_000))
+    request = server.requests[0]
+    assert "authorization" not in {k.lower() for k in request.headers}
+    assert "q-SECRET-4" not in request.query
+
+
+def test_a_key_echoed_where_the_excerpt_is_cut_is_still_redacted(server: ScriptedServer) -> None:
+    key = "sk-CUT-" + "S" * 40
+    for pad in range(180, 205, 3):  # the key straddles the excerpt's cut at some of these
+        server.script("GET", f"/x{pad}", Reply("e" * pad + key + " tail", 400))
+        with pytest.raises(HTTPResponseError) as info:
+            run(client(server, api_key=key).json("GET", f"/x{pad}"))
+        text = str(info.value)
+        assert "SSSSSSSS" not in text, text  # not even a prefix of the key's secret part
+
+
+def test_a_base_query_token_never_reaches_the_httpx_log(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script("GET", "/x", Reply({"ok": 1}))
+    caplog.set_level("DEBUG")
+    http = HTTPClient(f"{server.url}?token=q-SECRET-6", sleep=Sleeps())
+    assert run(http.json("GET", "/x")) == {"ok": 1}
+    assert server.requests[0].query == "token=q-SECRET-6"
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    assert any("/x" in line for line in lines)  # httpx did log the request
+    assert all("q-SECRET-6" not in line for line in lines)
+
+
+def test_a_download_that_drips_is_stopped_by_the_overall_deadline(server: ScriptedServer) -> None:
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (32, 32), random.Random(0).randbytes(3072)).save(noise, "PNG")
+    assert len(noise.getvalue()) > 64 * 20  # over a second of dripping
+    server.script(
+        "GET",
+        "/drip.png",
+        Reply(noise.getvalue(), headers={"Content-Type": "image/png"}, drip_s=0.05),
+    )
+    http = client(server, download_timeout_s=0.3, timeout_s=5)
+    started = time.perf_counter()
+    with pytest.raises(ToolExecutionError, match="took over"):
+        run(http.download(f"{server.url}/drip.png", max_bytes=100_000))
+    assert time.perf_counter() - started < 3
+
+
+def test_repeated_event_loops_do_not_pile_up_connections(server: ScriptedServer) -> None:
+    server.always("GET", "/x", lambda r: Reply({"ok": 1}))
+    http = client(server)
+    for _ in range(20):  # asyncio.run per call, as Tool.__call__ and Agent.run do
+        assert run(http.json("GET", "/x")) == {"ok": 1}
+    assert len(http._loops) <= 1  # entries of ended loops are dropped on the next call
+    assert run(_closed_after(http)) == 0
+
+
+async def _closed_after(http: HTTPClient) -> int:
+    await http.json("GET", "/x")
+    await http.aclose()
+    return len(http._loops)

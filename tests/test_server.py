@@ -39,8 +39,10 @@ from genagent import (
     ToolResult,
     ToolUnavailable,
 )
+from genagent.errors import ProtocolError
 from genagent.server import make_server
 from genagent.sim import SceneTool
+from genagent.tasks import Task
 from genagent.tools import GenAgentServerEditTool, GenAgentServerTool
 
 ANSWER = "<judge>It matches.</judge><answer>Done.</answer>"
@@ -149,6 +151,17 @@ def test_an_agent_uses_a_served_simulator_through_the_adapter() -> None:
     assert health["status"] == "ok" and health["served"] == 1
 
 
+def test_agent_runs_close_their_connections_when_their_event_loop_ends() -> None:
+    with running(SceneTool(size=32)) as (_server, url):
+        tool = GenAgentServerTool(url, sleep=Sleeps())
+        agent = Agent(tool=tool, policy=ScriptedPolicy([call("a red cube"), ANSWER] * 4))
+        for seed in range(3):
+            assert agent.run("a red cube", seed=seed).termination is Termination.ANSWERED
+            assert len(tool.http._loops) == 0  # nothing left open on the finished loop
+        agent.run_batch(["a red cube"], concurrency=1)
+        assert len(tool.http._loops) == 0
+
+
 def test_candidates_settings_and_seeds_travel_in_one_request() -> None:
     painter = Painter()
     with running(painter) as (_server, url):
@@ -226,11 +239,122 @@ def test_bad_requests_get_clear_4xx_errors() -> None:
             (post(None, json={"prompt": "a", "seed": [1, 2]}), 422, "2 values for 1 images"),
             (post(None, json={"prompt": "a", "image": "AAAA"}), 422, "takes no `image`"),
             (post(None, content=b"x" * 20_000), 413, "PayloadTooLarge"),
+            # a chunked body has no content-length; the cap is counted as it arrives
+            (post(None, content=iter([b"x" * 4000] * 5)), 413, "PayloadTooLarge"),
+            (post(None, content=b"[" * 5000 + b"]" * 5000), 400, "nested too deeply"),
+            (post(None, json={"prompt": "a", "seed": True}), 422, "seed"),
+            (post(None, json={"prompt": "a", "seed": -1}), 422, "seed"),
+            (post(None, json={"prompt": "a", "seed": 2**32}), 422, "seed"),
+            (post(None, json={"prompt": "a", "seed": [False]}), 422, "seed"),
+            (post(None, json={"prompt": "a", "seed": "7"}), 422, "seed"),
         ]
     for response, status, text in cases:
         assert response.status_code == status, response.text
         assert text in response.text
         assert set(response.json()["error"]) == {"type", "message"}
+
+
+class Partial(GenerationTool):
+    """Makes one image per call whatever was asked, with unknown seeds and a note."""
+
+    max_images_per_call = 4
+
+    async def acall(self, args: Any, ctx: ToolContext) -> ToolResult:
+        return ToolResult(
+            images=[Image.new("RGB", (16, 16), "blue")],
+            seeds=[None],
+            text="the second image hit the safety filter",
+        )
+
+
+def test_fewer_images_than_asked_come_back_with_the_servers_note() -> None:
+    with running(Partial()) as (_server, url):
+        raw = httpx.post(f"{url}/generate/", json={"prompt": "a", "num_images_per_prompt": 2})
+        tool = GenAgentServerTool(url, sleep=Sleeps())
+        policy = ScriptedPolicy([call("a blue square"), ANSWER])
+        trajectory = Agent(tool=tool, policy=policy, candidates=2).run("a blue square")
+    assert raw.status_code == 200, raw.text
+    data = raw.json()
+    assert len(data["images"]) == 1 and data["seeds"] == [None]
+    assert "safety filter" in data["text"] and "1 of the 2 images" in data["text"]
+    outcome = trajectory.turns[0].tool_result
+    assert outcome is not None and len(outcome.images) == 1
+    assert outcome.text is not None and "safety filter" in outcome.text
+
+
+class Refuses(GenerationTool):
+    """Raises a subclass of a model-visible error, as a custom tool might."""
+
+    def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+        if "nsfw" in args.caption:
+            raise NSFWRefusal("the caption asks for explicit content")
+        raise ProtocolError("a custom tool misused a model-visible error")
+
+
+class NSFWRefusal(ToolRefused):
+    pass
+
+
+def test_model_visible_errors_travel_as_the_nearest_kind_the_client_knows() -> None:
+    with running(Refuses()) as (_server, url):
+        refused = httpx.post(f"{url}/generate/", json={"prompt": "nsfw"}).json()
+        other = httpx.post(f"{url}/generate/", json={"prompt": "x"}).json()
+        tool = GenAgentServerTool(url, sleep=Sleeps())
+        with pytest.raises(ToolRefused, match="explicit content"):
+            asyncio.run(_call(tool))
+    assert refused["error"]["type"] == "ToolRefused"
+    assert other["error"]["type"] == "ToolExecutionError"
+
+
+async def _call(tool: GenAgentServerTool) -> ToolResult:
+    ctx = ToolContext(run_id="t", task=Task(prompt="nsfw"), round=1, num_images=1, seeds=[1])
+    return await tool.invoke(tool.parse_args({"caption": "nsfw"}), ctx)
+
+
+class Slow(GenerationTool):
+    """One image per call after a delay; counts calls cancelled half-way; chunk seed 0 fails."""
+
+    max_images_per_call = 1
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.cancelled = 0
+        self.finished = 0
+
+    async def acall(self, args: Any, ctx: ToolContext) -> ToolResult:
+        if ctx.seeds[0] == 0:
+            raise ValueError("this chunk fails at once")
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return ToolResult(images=[Image.new("RGB", (16, 16), "green")])
+
+
+def test_a_client_that_disconnects_has_its_work_cancelled() -> None:
+    slow = Slow(delay_s=3.0)
+    with running(slow) as (_server, url):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/generate/", json={"prompt": "a", "seed": 5}, timeout=0.3)
+        _wait_for(lambda: slow.cancelled == 1, timeout_s=2)
+        health = httpx.get(f"{url}/health").json()
+    assert health["in_flight"] == 0 and health["abandoned"] == 1 and slow.finished == 0
+
+
+def test_one_failing_chunk_cancels_its_siblings() -> None:
+    slow = Slow(delay_s=3.0)
+    with running(slow) as (_server, url):
+        started = time.perf_counter()
+        reply = httpx.post(
+            f"{url}/generate/",
+            json={"prompt": "a", "seed": [0, 1, 2], "num_images_per_prompt": 3},
+            timeout=10,
+        )
+        elapsed = time.perf_counter() - started
+    assert reply.status_code == 500 and "fails at once" in reply.text
+    assert elapsed < 2.5 and slow.cancelled == 2 and slow.finished == 0
 
 
 def test_an_edit_server_needs_a_readable_image() -> None:

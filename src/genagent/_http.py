@@ -633,6 +633,12 @@ class HTTPClient:
         with self._lock:
             state = self._loops.get(loop)
             if state is None:
+                # a loop that ended without aclose() (asyncio.run per call) keeps its entry
+                # alive: the semaphore refers to the loop. Drop those; their sockets close
+                # with the clients.
+                for old in [other for other in self._loops if other.is_closed()]:
+                    for client in self._loops.pop(old).clients:
+                        close_orphaned(client)
                 shards = -(-self.max_in_flight // _SHARD)
                 clients = [
                     httpx.AsyncClient(
@@ -704,6 +710,22 @@ class HTTPClient:
             state.attempt_number,
             self.max_retries + 1,
         )
+
+
+def close_orphaned(client: httpx.AsyncClient) -> None:
+    """Close the sockets of a client whose event loop has ended (no await is possible).
+
+    ``asyncio.run`` per call leaves such clients behind when nobody called ``aclose``; their
+    sockets would otherwise stay open until the garbage collector finds them.
+    """
+    pool = getattr(client._transport, "_pool", None)  # httpx.AsyncHTTPTransport's httpcore pool
+    for connection in list(getattr(pool, "_connections", [])):
+        stream = getattr(getattr(connection, "_connection", None), "_network_stream", None)
+        info = getattr(stream, "get_extra_info", None)
+        sock = info("socket") if info is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 class _Closing:

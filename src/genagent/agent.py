@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -266,7 +267,7 @@ class Agent:
             RunError: ``ToolUnavailable``, ``PolicyError`` or ``HookError`` when the run cannot
                 go on; ``error.trajectory`` holds the partial trajectory.
         """
-        return run_sync(self.arun(prompt, seed=seed, metadata=metadata))
+        return run_sync(self._closing(self.arun(prompt, seed=seed, metadata=metadata)))
 
     async def arun(
         self,
@@ -306,15 +307,38 @@ class Agent:
             progress: Show a progress bar (default: when standard error is a terminal).
         """
         return run_sync(
-            self.arun_batch(
-                prompts,
-                concurrency=concurrency,
-                seeds=seeds,
-                metadata=metadata,
-                raise_errors=raise_errors,
-                progress=progress,
+            self._closing(
+                self.arun_batch(
+                    prompts,
+                    concurrency=concurrency,
+                    seeds=seeds,
+                    metadata=metadata,
+                    raise_errors=raise_errors,
+                    progress=progress,
+                )
             )
         )
+
+    async def aclose(self) -> None:
+        """Release what the tools, the policy and the judge hold on the running event loop.
+
+        ``run`` and ``run_batch`` call this before their event loop ends. Call it yourself when
+        you drive ``arun`` / ``iter`` from an event loop that is about to close.
+        """
+        parts: list[Any] = [*self.tools.values(), self.policy, self.judge]
+        for part in parts:
+            close = getattr(part, "aclose", None)
+            if close is not None and inspect.iscoroutinefunction(close):
+                try:
+                    await close()
+                except Exception as exc:  # closing must not hide the run's own result
+                    logger.warning("closing %r failed: %s", part, exc)
+
+    async def _closing(self, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        finally:
+            await self.aclose()
 
     async def arun_batch(
         self,

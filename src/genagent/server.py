@@ -31,11 +31,15 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from genagent._async import gather_or_cancel
 from genagent._version import __version__
 from genagent.errors import (
     BudgetExceeded,
@@ -43,6 +47,9 @@ from genagent.errors import (
     GenAgentError,
     InvalidImageError,
     ModelVisibleError,
+    ToolArgumentError,
+    ToolExecutionError,
+    ToolRefused,
     ToolUnavailable,
 )
 from genagent.images import MemoryImageStore, decode_base64_image
@@ -59,6 +66,7 @@ __all__ = ["GenerateRequest", "ToolServer", "make_server", "serve"]
 logger = logging.getLogger("genagent.server")
 
 _SEED_LIMIT = 2**32
+Seed = Annotated[StrictInt, Field(ge=0, lt=_SEED_LIMIT)]
 
 
 class GenerateRequest(BaseModel):
@@ -67,9 +75,10 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     prompt: str | list[str] = Field(description="One caption, or several (a batch).")
-    seed: int | list[int] | None = Field(
+    seed: Seed | list[Seed] | None = Field(
         default=None,
-        description="One seed (image k gets seed + k), one per image, or none (random).",
+        description="One seed in [0, 2**32) (image k gets seed + k), one per image, or none "
+        "(random).",
     )
     num_images_per_prompt: int = Field(default=1, ge=1, le=16)
     height: int | None = Field(default=None, ge=16, le=8192)
@@ -122,6 +131,13 @@ class GenerateRequest(BaseModel):
             "negative_prompt": self.negative_prompt,
         }
         return {k: v for k, v in pairs.items() if v is not None}
+
+
+@dataclass
+class _Outcome:
+    images: list[str] = dc_field(default_factory=list)
+    seeds: list[int | None] = dc_field(default_factory=list)
+    text: list[str] = dc_field(default_factory=list)
 
 
 class _Reject(Exception):
@@ -185,6 +201,7 @@ class ToolServer:
         self.in_flight = 0
         self.queued = 0
         self.served = 0
+        self.abandoned = 0  # requests whose client disconnected before the answer
         self._slots: asyncio.Semaphore | None = None
         self._draining: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None  # the grace period is over
@@ -263,6 +280,7 @@ class ToolServer:
             "in_flight": self.in_flight,
             "queued": self.queued,
             "served": self.served,
+            "abandoned": self.abandoned,
             "max_concurrency": self.max_concurrency,
             "genagent": __version__,
         }
@@ -277,7 +295,9 @@ class ToolServer:
         request_id = uuid.uuid4().hex[:12]
         try:
             body = await self._parse(request)
-            images, seeds = await self._admit_and_run(body, request_id)
+            outcome = await self._unless_client_leaves(
+                request, self._admit_and_run(body, request_id), request_id
+            )
         except _Reject as reject:
             headers = (
                 {"Retry-After": f"{reject.retry_after:.0f}"}
@@ -292,14 +312,35 @@ class ToolServer:
                 headers=headers,
             )
         self.served += 1
-        return JSONResponse(
-            {
-                "images": images,
-                "seeds": seeds,
-                "tool": self.tool.name,
-                "elapsed_s": round(time.perf_counter() - start, 4),
-            }
-        )
+        reply: dict[str, Any] = {
+            "images": outcome.images,
+            "seeds": outcome.seeds,
+            "tool": self.tool.name,
+            "elapsed_s": round(time.perf_counter() - start, 4),
+        }
+        if outcome.text:
+            reply["text"] = "\n".join(outcome.text)
+        return JSONResponse(reply)
+
+    async def _unless_client_leaves(
+        self, request: Request, work: Awaitable[_Outcome], request_id: str
+    ) -> _Outcome:
+        """Run ``work``; when the client disconnects first, cancel it (nobody will read it)."""
+        work_task = asyncio.ensure_future(work)
+        gone_task = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work_task, gone_task}, return_when=FIRST_COMPLETED)
+        finally:
+            if not work_task.done() and not gone_task.done():  # we were cancelled
+                work_task.cancel()
+            gone_task.cancel()
+        if work_task not in done:
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+            self.abandoned += 1
+            logger.info("request %s: the client disconnected; its work was cancelled", request_id)
+            raise _Reject(499, "ClientClosedRequest", "the client disconnected")
+        return work_task.result()
 
     async def _parse(self, request: Request) -> GenerateRequest:
         if self._api_key is not None:
@@ -315,15 +356,23 @@ class ToolServer:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _Reject(413, "PayloadTooLarge", f"the body is over {self.max_body_bytes:,} bytes")
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise _Reject(413, "PayloadTooLarge", f"the body is over {self.max_body_bytes:,} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # a chunked body has no content-length to check
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _Reject(
+                    413, "PayloadTooLarge", f"the body is over {self.max_body_bytes:,} bytes"
+                )
+            chunks.append(chunk)
         try:
             import json
 
-            data = json.loads(raw)
+            data = json.loads(b"".join(chunks))
         except ValueError:
             raise _Reject(400, "InvalidJSON", "the body is not JSON") from None
+        except RecursionError:
+            raise _Reject(400, "InvalidJSON", "the body's JSON is nested too deeply") from None
         try:
             body = GenerateRequest.model_validate(data)
             body.seeds()  # checks the seed count
@@ -349,9 +398,7 @@ class ToolServer:
             )
         return body
 
-    async def _admit_and_run(
-        self, body: GenerateRequest, request_id: str
-    ) -> tuple[list[str], list[int]]:
+    async def _admit_and_run(self, body: GenerateRequest, request_id: str) -> _Outcome:
         if self.status == "loading":
             raise _Reject(503, "Loading", "the tool is still loading", retry_after=5)
         if self.status == "failed":
@@ -364,7 +411,9 @@ class ToolServer:
         deadline = time.monotonic() + self.request_timeout_s
         self.queued += 1
         try:
-            acquired, _ = await self._first(self._slots.acquire(), self._draining.wait(), deadline)
+            acquired, _ = await self._first(
+                self._slots.acquire(), self._draining.wait(), deadline, undo=self._slots.release
+            )
         finally:
             self.queued -= 1
         if acquired != 0:
@@ -387,12 +436,13 @@ class ToolServer:
             )
         if outcome == 2:
             raise _Reject(504, "Timeout", f"the request took over {self.request_timeout_s:.0f} s")
-        images: list[str] = result[0]
-        seeds: list[int] = result[1]
-        return images, seeds
+        assert isinstance(result, _Outcome)
+        return result
 
     @staticmethod
-    async def _first(work: Any, stop: Any, deadline: float) -> tuple[int, Any]:
+    async def _first(
+        work: Any, stop: Any, deadline: float, undo: Callable[[], None] | None = None
+    ) -> tuple[int, Any]:
         """Race ``work`` against ``stop`` and the deadline; the loser is cancelled.
 
         Returns ``(0, result)`` when ``work`` finished first, ``(1, None)`` when ``stop`` fired
@@ -406,6 +456,13 @@ class ToolServer:
                 timeout=max(0.0, deadline - time.monotonic()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except BaseException:  # cancelled (the client left): the work goes too
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+            finished = not work_task.cancelled() and work_task.exception() is None
+            if undo is not None and finished:
+                undo()  # it got what it asked for (a queue slot) that nobody will use
+            raise
         finally:
             stop_task.cancel()
         if work_task not in done:
@@ -416,7 +473,7 @@ class ToolServer:
             # it finished while being cancelled: keep its outcome (a held slot stays held)
         return 0, work_task.result()
 
-    async def _run(self, body: GenerateRequest, request_id: str) -> tuple[list[str], list[int]]:
+    async def _run(self, body: GenerateRequest, request_id: str) -> _Outcome:
         seeds = body.seeds()
         store = MemoryImageStore()
         current = None
@@ -427,8 +484,7 @@ class ToolServer:
                 raise _Reject(422, "ValidationError", f"image: {exc}") from None
         per_prompt = body.num_images_per_prompt
         field = "instruction" if self.tool.requires_image else "caption"
-        images: list[str] = []
-        out_seeds: list[int] = []
+        outcome = _Outcome()
         for index, prompt in enumerate(body.prompts):
             prompt_seeds = seeds[index * per_prompt : (index + 1) * per_prompt]
             try:
@@ -437,21 +493,31 @@ class ToolServer:
                 raise _Reject(422, "ValidationError", f"prompt {index}: {exc}") from None
             step = max(1, self.tool.max_images_per_call)
             chunks = [prompt_seeds[i : i + step] for i in range(0, len(prompt_seeds), step)]
-            results = await asyncio.gather(
-                *(self._call(args, prompt, chunk, body, current, request_id) for chunk in chunks)
+            results = await gather_or_cancel(
+                [self._call(args, prompt, chunk, body, current, request_id) for chunk in chunks]
             )
             for chunk, result in zip(chunks, results, strict=True):
                 refs = await asyncio.to_thread(_store_all, store, result)
-                if len(refs) != len(chunk):
+                if len(refs) > len(chunk) or not refs:
                     raise _Reject(
                         500,
                         "ToolError",
                         f"{self.tool.name} returned {len(refs)} images for {len(chunk)} asked",
                     )
-                images += [base64.b64encode(ref.read_bytes()).decode() for ref in refs]
-                got = result.seeds if result.seeds and len(result.seeds) == len(chunk) else chunk
-                out_seeds += [s if s is not None else c for s, c in zip(got, chunk, strict=True)]
-        return images, out_seeds
+                outcome.images += [base64.b64encode(ref.read_bytes()).decode() for ref in refs]
+                # the seeds the tool reports (None where it does not know); the asked ones when
+                # it reports none, as the agent records them
+                if result.seeds is not None and len(result.seeds) == len(refs):
+                    outcome.seeds += list(result.seeds)
+                else:
+                    outcome.seeds += list(chunk[: len(refs)])
+                if result.text:
+                    outcome.text.append(result.text)
+                if len(refs) < len(chunk):
+                    outcome.text.append(
+                        f"{self.tool.name} made {len(refs)} of the {len(chunk)} images asked for."
+                    )
+        return outcome
 
     async def _call(
         self,
@@ -476,7 +542,7 @@ class ToolServer:
         try:
             return coerce_tool_result(await self.tool.invoke(args, ctx))
         except ModelVisibleError as exc:
-            raise _Reject(422, type(exc).__name__, exc.for_model()) from None
+            raise _Reject(422, _visible_kind(exc), exc.for_model()) from None
         except BudgetExceeded:
             raise _Reject(
                 504, "Timeout", f"the request took over {self.request_timeout_s:.0f} s"
@@ -490,6 +556,22 @@ class ToolServer:
         except Exception as exc:
             logger.exception("request %s: the tool raised", request_id)
             raise _Reject(500, "ToolError", f"{type(exc).__name__}: {exc}") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has disconnected (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+def _visible_kind(exc: ModelVisibleError) -> str:
+    """The protocol's name for an error the model sees: the nearest kind clients know."""
+    for kind in (ToolRefused, ToolArgumentError, ToolExecutionError):
+        if isinstance(exc, kind):
+            return kind.__name__
+    return ToolExecutionError.__name__
 
 
 def _store_all(store: MemoryImageStore, result: ToolResult) -> list[Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from genagent._http import excerpt, retry_after, split_base_url
+from genagent._http import close_orphaned, excerpt, retry_after, split_base_url
 from genagent.errors import ConfigurationError, PolicyError
 from genagent.images import ImageRef, encode_png, to_data_uri
 from genagent.messages import Message, TextPart
@@ -287,6 +287,10 @@ class OpenAIPolicy:
         with self._clients_lock:
             entry = self._clients.get(loop)
             if entry is None:
+                # loops that ended without aclose(): their entries keep them alive (the
+                # semaphore refers to its loop), so drop them and close their sockets
+                for old in [other for other in self._clients if other.is_closed()]:
+                    close_orphaned(self._clients.pop(old)[0])
                 headers = {"Content-Type": "application/json", **self.headers}
                 if self._api_key:
                     headers["Authorization"] = f"Bearer {self._api_key}"

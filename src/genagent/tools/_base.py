@@ -316,6 +316,14 @@ class Tool:
         """A JSON-able summary of the tool for trajectory metadata (override to add settings)."""
         return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 
+    async def aclose(self) -> None:
+        """Release what the tool holds on the running event loop (HTTP connections, ...).
+
+        The agent's synchronous entry points (``Agent.run``, ``Agent.run_batch``) call this
+        before their event loop ends; the tool stays usable and opens new resources on its next
+        call. The default does nothing.
+        """
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

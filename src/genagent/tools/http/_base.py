@@ -224,5 +224,9 @@ class RemoteTool(Tool, abstract=True):
             **self.http.describe(),
         }
 
+    async def aclose(self) -> None:
+        """Close this tool's HTTP connections of the running event loop."""
+        await self.http.aclose()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.http.base_url!r})"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from genagent._async import gather_or_cancel
 from genagent.errors import (
     ConfigurationError,
     ToolExecutionError,
@@ -372,8 +373,8 @@ class _Fal(RemoteTool, abstract=True):
                     "not an object",
                     hint="Try the call again.",
                 )
-        images = await asyncio.gather(
-            *(self.image_from_url(item.get("url"), what="image") for _, item in kept)
+        images = await gather_or_cancel(
+            [self.image_from_url(item.get("url"), what="image") for _, item in kept]
         )
         seeds: list[int | None] = [seed if i == 0 else None for i, _ in kept]
         return list(images), seeds, blocked, len(items)

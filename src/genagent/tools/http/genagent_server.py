@@ -49,6 +49,9 @@ class _GenAgentServer(RemoteTool, abstract=True):
         extra_body: Mapping[str, Any] | None = None,
         **http: Any,
     ) -> None:
+        # a busy server holds a request for up to its request timeout (600 s by default), so
+        # wait longer than that rather than give up on an image that is being made
+        http.setdefault("timeout_s", 630.0)
         super().__init__(base_url, **http)
         self.settings: dict[str, Any] = {
             k: v
@@ -95,7 +98,7 @@ class _GenAgentServer(RemoteTool, abstract=True):
                 raise visible(str(error.get("message") or exc.text)) from None
             raise
         images = data.get("images") if isinstance(data, dict) else None
-        if not isinstance(images, list) or len(images) != ctx.num_images:
+        if not isinstance(images, list) or not 1 <= len(images) <= ctx.num_images:
             got = len(images) if isinstance(images, list) else "no"
             raise ToolExecutionError(
                 f"{self.service} answered with {got} images for {ctx.num_images} asked",
@@ -104,10 +107,12 @@ class _GenAgentServer(RemoteTool, abstract=True):
         decoded = [self.image_from_base64(item) for item in images]
         seeds = data.get("seeds")
         if not (isinstance(seeds, list) and len(seeds) == len(decoded)):
-            seeds = list(ctx.seeds[: ctx.num_images])
+            seeds = list(ctx.seeds[: len(decoded)])
+        text = data.get("text")
         return ToolResult(
             images=list(decoded),
-            seeds=[s if isinstance(s, int) else None for s in seeds],
+            text=text if isinstance(text, str) and text.strip() else None,
+            seeds=[s if isinstance(s, int) and not isinstance(s, bool) else None for s in seeds],
             metadata={
                 "server": self.http.base_url,
                 "served_by": data.get("tool") if isinstance(data.get("tool"), str) else None,
@@ -144,7 +149,12 @@ class GenAgentServerTool(_GenAgentServer, GenerationTool):
         path: The endpoint path.
         extra_body: Further fields merged into every request.
         **http: :class:`~genagent.tools.http.RemoteTool` settings (``api_key``, ``timeout_s``,
-            ``max_retries``, ``max_in_flight``, ``transport``, ...).
+            ``max_retries``, ``max_in_flight``, ``transport``, ...). ``timeout_s`` defaults to
+            630 s here, beyond ``genagent serve``'s 600 s request timeout: a request waits in
+            the server's queue rather than being abandoned and sent again.
+
+    A server that makes fewer images than asked (one of a batch failed) still answers; its
+    ``text`` says so and reaches the model.
 
     Example:
         ```py

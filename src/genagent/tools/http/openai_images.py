@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
+from genagent._async import gather_or_cancel
 from genagent._http import excerpt
 from genagent.errors import (
     ConfigurationError,
@@ -263,7 +264,7 @@ class _OpenAIImages(RemoteTool, abstract=True):
         total = max(1, ctx.num_images)
         counts = [min(self.spec.max_n, total - i) for i in range(0, total, self.spec.max_n)]
         start = time.perf_counter()
-        parts = await asyncio.gather(*(self._post(prompt, n, size, image) for n in counts))
+        parts = await gather_or_cancel([self._post(prompt, n, size, image) for n in counts])
         images = [data for part in parts for data in part[0]]
         revised = [text for part in parts for text in part[1]]
         body = parts[0][2]
@@ -317,8 +318,8 @@ class _OpenAIImages(RemoteTool, abstract=True):
             )
         if len(items) > n:
             items = items[:n]
-        images = await asyncio.gather(
-            *(self._image(item, i + 1, len(items)) for i, item in enumerate(items))
+        images = await gather_or_cancel(
+            [self._image(item, i + 1, len(items)) for i, item in enumerate(items)]
         )
         revised = [
             item.get("revised_prompt")

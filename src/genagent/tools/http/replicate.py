@@ -17,15 +17,15 @@ names (``prompt``, ``seed``, ``width``, ``height``, ``num_inference_steps``, ...
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeGuard, TypeVar
 
+from genagent._async import gather_or_cancel
 from genagent._http import excerpt
 from genagent.errors import (
     ConfigurationError,
@@ -361,7 +361,7 @@ class _Replicate(RemoteTool, abstract=True):
         if image is not None:
             image_value, upload = await self._image_input(*image)
         try:
-            outcomes = await _gather_or_cancel(
+            outcomes = await gather_or_cancel(
                 [self._prediction(base, group, image_value, ctx) for group in groups]
             )
         finally:
@@ -481,7 +481,7 @@ class _Replicate(RemoteTool, abstract=True):
                 hint="Try the call again.",
             )
         urls = urls[:asked]
-        images = await _gather_or_cancel(
+        images = await gather_or_cancel(
             [self.image_from_url(u, what=f"image #{i + 1}") for i, u in enumerate(urls)]
         )
         if len(images) == asked:
@@ -754,16 +754,3 @@ def _problem(data: Any) -> str:
 
 def _suffix(mime: str) -> str:
     return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(mime, "")
-
-
-async def _gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """Like ``asyncio.gather``, but the first failure cancels the others (and is re-raised)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
-        raise
