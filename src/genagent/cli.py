@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from genagent._eval_cli import eval_command
 from genagent._version import __version__
 from genagent.errors import GenAgentError
 
@@ -341,6 +342,55 @@ def serve(
         grace_s=grace,
         api_key=os.environ.get(api_key_env) or None,
     )
+
+
+app.command("eval")(_friendly_errors(eval_command))
+
+
+@app.command()
+def report(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FOLDER",
+            help="A folder of saved runs: an evaluation, `genagent demo --out`, or trajectories.",
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the report (default: FOLDER/report).")
+    ] = None,
+    title: Annotated[
+        str | None, typer.Option(help="Title of the index page (default: the folder's name).")
+    ] = None,
+    embed: Annotated[
+        bool,
+        typer.Option(
+            "--embed/--no-embed",
+            help="Embed images in the pages (self-contained files), or link to the image files.",
+        ),
+    ] = True,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the index in the default web browser.")
+    ] = False,
+) -> None:
+    """Write an HTML report (an index and a page per run) of the runs saved in FOLDER."""
+    from genagent.errors import ConfigurationError, TrajectoryError
+    from genagent.evals.report import write_report
+
+    try:
+        index = write_report(folder, out, title=title, embed_images=embed)
+    except (ConfigurationError, TrajectoryError) as exc:
+        # a wrong folder or output is a usage error: exit status 2, like a bad option
+        line = Text("error: ", style="bold red")
+        line.append(str(exc))  # verbatim: paths may hold rich markup characters
+        err_console.print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(str(index), markup=False, highlight=False, soft_wrap=True)
+    console.print(index.as_uri(), markup=False, highlight=False, soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(index.as_uri())
 
 
 @app.command("list")

@@ -201,6 +201,11 @@ tools.register(
     description="simulator: SceneTool + SceneEditTool (offline, no weights)",
 )
 tools.register(
+    "sim",
+    "genagent.sim:scene_tools",
+    description="simulator: the same as scene",
+)
+tools.register(
     "scene-generate",
     "genagent.sim:SceneTool",
     description="simulator: SceneTool only (GenAgent v1: generation tool only)",
