@@ -253,3 +253,50 @@ def test_geneval_prompts_give_a_mean_of_task_means(tmp_path: Path) -> None:
     means = [c.mean for c in final.per_category.values()]
     assert final.overall == pytest.approx(sum(means) / len(means))
     assert "agent" not in result.summary.modes
+
+
+def test_eval_with_a_vlm_judge_on_a_loopback_openai_server(tmp_path: Path) -> None:
+    from ._servers import Recorded, Reply, ScriptedServer
+
+    def judge(request: Recorded) -> Reply:
+        text = "".join(
+            p["text"] for p in request.body["messages"][0]["content"] if p["type"] == "text"
+        )
+        statements = [line for line in text.splitlines() if line[:2].strip().rstrip(".").isdigit()]
+        answer = "yes" if "cat" in text else "no"  # the cat prompt passes, the cow fails
+        items = [
+            {"id": k, "answer": answer, "reason": "seen"} for k in range(1, len(statements) + 1)
+        ] or [{"id": 1, "answer": answer, "reason": "seen"}]
+        message = {"role": "assistant", "content": json.dumps({"items": items})}
+        body = {
+            "id": "c1",
+            "object": "chat.completion",
+            "model": "judge-vlm",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+        }
+        return Reply(body)
+
+    file = prompts(tmp_path, "a photo of a cat", "a photo of a cow")
+    with ScriptedServer() as server:
+        server.always("POST", "/v1/chat/completions", judge)
+        result = genagent(
+            "eval", str(file), "--tool", "sim", "--policy", "heuristic", "--rounds", "1",
+            "--judge", "checklist", "--judge-arg", f"policy={server.url}/v1",
+            "--judge-arg", "model=judge-vlm", "--out", "ev", "--json", cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["modes"]["agent"]["final"]["overall"] == pytest.approx(0.5)
+    assert summary["config"]["judge"]["judge_version"] == "checklist-v1"
+    cat = json.loads((tmp_path / "ev" / "results" / "agent" / "0001.json").read_text())
+    info = cat["rounds"][0]["info"]
+    assert info["judge_model"] == "judge-vlm" and "cat" in info["prompt"] and info["raw"]
+    assert len(server.requests) == 4  # two prompts, baseline and agent, one image each
+
+
+def test_a_vlm_judge_without_a_model_says_how_to_give_one(tmp_path: Path) -> None:
+    file = prompts(tmp_path, "a photo of a cat")
+    env_free = genagent("eval", str(file), "--judge", "checklist", cwd=tmp_path)
+    assert env_free.returncode == 1
+    assert "--judge-arg policy=" in env_free.stderr

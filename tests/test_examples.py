@@ -15,6 +15,12 @@ EXPECTED = {
         "setup ran: True",
         "@tool: answered (0, 0, 255)",
     ],
+    "evaluate.py": [
+        "resumed: 2 prompts read from disk",
+        "generator alone:",
+        "agent after round 3:",
+        "report: ",
+    ],
     "custom_reward.py": ["candidate scores", "kept #", "final scene score"],
     "hooks_and_batches.py": ["24 runs", "refused calls"],
     "remote_generator.py": [

@@ -53,9 +53,21 @@ PUBLIC = {
         "tiny_diffusers_pipeline", "tiny_flux_lora", "tiny_qwen2_5_vl",
     ],
     "genagent.rewards": [
-        "CompositeReward", "PairwiseOutput", "PairwiseReward", "Reward", "RewardContext",
-        "RewardOutput", "coerce_reward_output", "reward",
+        "ChecklistItem", "ChecklistJudge", "CompositeReward", "JudgeQuery", "JudgeVerdict",
+        "PairwiseJudge", "PairwiseOutput", "PairwiseReward", "PointwiseJudge", "PolicyVerdict",
+        "ReflectionAccuracy", "Reward", "RewardContext", "RewardOutput", "VLMJudge", "WiseJudge",
+        "build_checklist", "coerce_reward_output", "read_judgment", "reward",
     ],
+    "genagent.evals": [
+        "BENCHMARKS", "GENEVAL_PP_TAGS", "GENEVAL_TAGS", "SCORING_RULES", "WISE_CATEGORIES",
+        "WISE_LEGACY_RANGES", "WISE_LEGACY_WEIGHTS", "WISE_VERIFIED_RANGES",
+        "WISE_VERIFIED_WEIGHTS", "Benchmark", "BenchmarkChecksumError", "BenchmarkDownloadError",
+        "BenchmarkError", "BenchmarkFileError", "BenchmarkSummary", "CategoryScore", "EvalResult",
+        "EvalSummary", "Evaluation", "ModeSummary", "PromptResult", "RoundScore", "Scoring",
+        "aggregate", "default_cache_dir", "load_benchmark", "load_prompts", "load_results",
+        "plot_scaling", "summarize_scores", "wiscore",
+    ],
+    "genagent.evals.report": ["write_report"],
     "genagent.sim": [
         "BASE_ERROR", "CATEGORIES", "EDIT_SUCCESS", "EXPLICIT_FACTOR", "RECORD_KEY",
         "CheckResult", "Constraint", "DrawnObject", "ErrorModel", "HeuristicPolicy", "ObjectSpec",

@@ -258,6 +258,14 @@ rewards.register(
     "genagent.sim:SceneJudge",
     description="simulator: SceneJudge, strict per-constraint check of simulator images",
 )
+for _name, _target, _description in (
+    ("checklist", "checklist", "VLM judge: GenEval++-style checklist, strict 0/1 (policy=...)"),
+    ("wise", "wise", "VLM judge: WISE WiScore (consistency, realism, aesthetics; policy=...)"),
+    ("wise-verified", "wise_verified", "VLM judge: WISE Verified, binary (policy=...)"),
+    ("pointwise", "pointwise", "VLM judge: a 0-10 rating of criterion=... (policy=...)"),
+):
+    rewards.register(_name, f"genagent.rewards._factories:{_target}", description=_description)
+
 policies.register(
     "heuristic",
     "genagent.sim:HeuristicPolicy",

@@ -190,7 +190,7 @@ class EvalResult:
 
 
 class Evaluation:
-    r"""Run a benchmark through the generator alone and through the agent, and score it.
+    """Run a benchmark through the generator alone and through the agent, and score it.
 
     Args:
         benchmark: The prompts and their aggregation rule (:func:`~genagent.evals.load_benchmark`).
@@ -214,17 +214,19 @@ class Evaluation:
 
     Example:
         ```python
-                from genagent import Agent
+        import tempfile
+        from pathlib import Path
+
+        from genagent import Agent
         from genagent.evals import Evaluation, load_prompts
         from genagent.sim import HeuristicPolicy, SceneJudge, scene_tools
 
-        folder = tempfile.mkdtemp()
-        with open(f"{folder}/prompts.txt", "w") as f:
-            f.write("a photo of two red apples\\na photo of a blue cup left of a cat\\n")
+        folder = Path(tempfile.mkdtemp())
+        (folder / "prompts.txt").write_text("a photo of two red apples")
         agent = Agent(tools=scene_tools(), policy=HeuristicPolicy(), max_rounds=3)
         result = Evaluation(
-            load_prompts(f"{folder}/prompts.txt"), agent=agent, judge=SceneJudge(),
-            out=f"{folder}/eval", progress=False,
+            load_prompts(folder / "prompts.txt"), agent=agent, judge=SceneJudge(),
+            out=folder / "eval", progress=False,
         ).run()
         print(result.summary.modes["agent"].final.overall)
         ```
@@ -674,7 +676,8 @@ _IDENTITY = ("benchmark", "seed", "judge", "agent", "tools", "policy")
 def _identity(config: Mapping[str, Any], key: str) -> Any:
     value = config.get(key)
     if key == "benchmark" and isinstance(value, Mapping):
-        return {k: value.get(k) for k in ("name", "sha256", "scoring", "tasks")}
+        # not the number of tasks: a --limit or --category slice may grow into the whole file
+        return {k: value.get(k) for k in ("name", "sha256", "scoring")}
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 

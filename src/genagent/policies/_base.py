@@ -72,11 +72,14 @@ class PolicyOutput(BaseModel):
 class Policy(Protocol):
     """What the agent needs from a policy.
 
-    Implementations also expose a ``name`` attribute (recorded in trajectories) and may expose
-    ``describe() -> dict`` for richer metadata.
+    Implementations also expose a ``name`` (recorded in trajectories; a plain attribute or a
+    read-only property) and may expose ``describe() -> dict`` for richer metadata.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The policy's name, as recorded in trajectories."""
+        ...
 
     async def generate(
         self,
