@@ -97,10 +97,8 @@ def eval_command(
     killed evaluation.
     """
     from genagent import registry
-    from genagent.agent import Agent
-    from genagent.cli import _parse_kv
+    from genagent.cli import _build_agent, _parse_kv
     from genagent.evals import Evaluation, load_benchmark
-    from genagent.policies import policy_from_spec
 
     modes = {"both": ("baseline", "agent"), "agent": ("agent",), "baseline": ("baseline",)}
     if mode not in modes:
@@ -119,20 +117,10 @@ def eval_command(
         bench = bench.subset([t for t in bench.tasks if t.category in wanted])
     if limit is not None:
         bench = bench.subset(bench.tasks[:limit])
-    tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
-    chosen_policy = (
-        policy_from_spec(policy, **_parse_kv(policy_arg, "--policy-arg"))
-        if policy is not None
-        else None
-    )
-    agent = Agent(
-        tools if isinstance(tools, list) else [tools],
-        policy=chosen_policy,
-        max_rounds=rounds,
-        candidates=candidates,
-        judge=registry.rewards.create(pick_judge) if pick_judge is not None else None,
-        time_budget_s=budget,
-    )
+    agent = _build_agent(
+        tool, tool_arg, policy, policy_arg, rounds=rounds, candidates=candidates,
+        judge=pick_judge, budget=budget,
+    )  # fmt: skip
     scorer = registry.rewards.create(judge, **_parse_kv(judge_arg, "--judge-arg"))
     folder = out or Path("genagent-evals") / _slug(
         f"{bench.name}-{tool}-{policy or 'default'}-{judge}"

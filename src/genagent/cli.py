@@ -188,28 +188,13 @@ def run(
     ] = False,
 ) -> None:
     """Run the agent on one prompt and save its trajectory."""
-    from genagent import registry
-    from genagent.agent import Agent
-
     if out is not None and out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
 
-    tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
-    from genagent.policies import policy_from_spec
-
-    chosen_policy = (
-        policy_from_spec(policy, **_parse_kv(policy_arg, "--policy-arg"))
-        if policy is not None
-        else None
-    )
-    agent = Agent(
-        tools if isinstance(tools, list) else [tools],
-        policy=chosen_policy,
-        max_rounds=rounds,
-        candidates=candidates,
-        judge=registry.rewards.create(judge) if judge is not None else None,
-        time_budget_s=budget,
-    )
+    agent = _build_agent(
+        tool, tool_arg, policy, policy_arg, rounds=rounds, candidates=candidates, judge=judge,
+        budget=budget,
+    )  # fmt: skip
     simulated = [
         part["name"]
         for part in _trajectory_parts(agent)
@@ -262,6 +247,38 @@ def run(
     )
     if final is not None:
         console.print(f"final image: {folder / 'images' / final.filename}", highlight=False)
+
+
+def _build_agent(
+    tool: str,
+    tool_arg: list[str] | None,
+    policy: str | None,
+    policy_arg: list[str] | None,
+    *,
+    rounds: int,
+    candidates: int,
+    judge: str | None,
+    budget: float | None,
+) -> Any:
+    """The agent that ``--tool``, ``--policy``, ``--judge`` and their ``--*-arg`` options name."""
+    from genagent import registry
+    from genagent.agent import Agent
+    from genagent.policies import policy_from_spec
+
+    tools = registry.tools.create(tool, **_parse_kv(tool_arg, "--tool-arg"))
+    chosen_policy = (
+        policy_from_spec(policy, **_parse_kv(policy_arg, "--policy-arg"))
+        if policy is not None
+        else None
+    )
+    return Agent(
+        tools if isinstance(tools, list) else [tools],
+        policy=chosen_policy,
+        max_rounds=rounds,
+        candidates=candidates,
+        judge=registry.rewards.create(judge) if judge is not None else None,
+        time_budget_s=budget,
+    )
 
 
 def _trajectory_parts(agent: Any) -> list[Any]:
