@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from genagent import Agent, ConfigurationError, GenerationTool, Reward, ToolContext, ToolResult
+from genagent import (
+    Agent,
+    ConfigurationError,
+    GenerationTool,
+    Reward,
+    RunError,
+    ToolContext,
+    ToolResult,
+    reward,
+)
 from genagent.evals import Evaluation, load_benchmark, load_prompts, load_results
 from genagent.sim import HeuristicPolicy, SceneJudge, scene_tools
 
@@ -300,3 +309,112 @@ def test_a_vlm_judge_without_a_model_says_how_to_give_one(tmp_path: Path) -> Non
     env_free = genagent("eval", str(file), "--judge", "checklist", cwd=tmp_path)
     assert env_free.returncode == 1
     assert "--judge-arg policy=" in env_free.stderr
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+class Down(GenerationTool):
+    """A generator whose server is down until ``up`` is set."""
+
+    up = False
+
+    def __call__(self, args: Any, ctx: ToolContext) -> ToolResult:
+        if not Down.up:
+            from genagent import ToolUnavailable
+
+            raise ToolUnavailable("the generator server refused the connection")
+        return ToolResult(images=[Image.new("RGB", (16, 16), "red")])
+
+
+@reward
+def always_one(prompt: str, image: Any) -> float:
+    return 1.0
+
+
+def test_failures_outside_the_model_are_run_again_on_resume_and_fail_fast(tmp_path: Path) -> None:
+    bench = load_prompts(prompts(tmp_path, *(f"a photo of {n} cats" for n in range(12))))
+    Down.up = False
+    agent = Agent(tool=Down(), policy=HeuristicPolicy(), max_rounds=1)
+    with pytest.raises(RunError, match=r"4 prompts in a row failed.*refused the connection"):
+        Evaluation(
+            bench, agent=agent, judge=always_one, out=tmp_path / "ev", fail_fast=4,
+            concurrency=1, progress=False,
+        ).run()  # fmt: skip
+    kept = list((tmp_path / "ev" / "results" / "baseline").glob("*.json"))
+    assert len(kept) == 4 and all(json.loads(p.read_text())["retry"] for p in kept)
+    Down.up = True  # the server is back: the same command finishes, failures run again
+    result = Evaluation(
+        bench, agent=agent, judge=always_one, out=tmp_path / "ev", progress=False
+    ).run()
+    assert result.ran == {"baseline": 12, "agent": 12}
+    assert result.summary.modes["baseline"].final.overall == 1.0
+    assert not any(r.retry for r in result.results["agent"])
+
+
+def test_a_slice_then_the_whole_benchmark_equals_the_whole_benchmark(tmp_path: Path) -> None:
+    lines = [f"a photo of {n} red apples" for n in range(1, 9)]
+    bench = load_prompts(prompts(tmp_path, *lines))
+    tail = bench.subset(bench.tasks[4:])
+    Evaluation(
+        tail, agent=sim_agent(), judge=SceneJudge(), out=tmp_path / "a", progress=False
+    ).run()
+    grown = Evaluation(
+        bench, agent=sim_agent(), judge=SceneJudge(), out=tmp_path / "a", progress=False
+    ).run()
+    whole = Evaluation(
+        bench, agent=sim_agent(), judge=SceneJudge(), out=tmp_path / "b", progress=False
+    ).run()
+    assert grown.ran == {"baseline": 4, "agent": 4}
+    assert [r.rounds for r in grown.results["agent"]] == [r.rounds for r in whole.results["agent"]]
+    assert grown.summary.modes == whole.summary.modes
+
+
+@reward
+def too_big(prompt: str, image: Any) -> float:
+    return 1.5
+
+
+def test_a_score_out_of_range_is_a_recorded_failure_not_a_crash_at_the_end(
+    tmp_path: Path,
+) -> None:
+    bench = load_benchmark("geneval++", GENEVAL_PP, limit=2) if GENEVAL_PP.exists() else None
+    if bench is None:
+        pytest.skip("no ../shared/benchmarks here")
+    result = Evaluation(
+        bench, agent=sim_agent(rounds=1), judge=too_big, out=tmp_path / "ev", progress=False
+    ).run()
+    first = result.results["agent"][0]
+    assert first.score is None and first.rounds[0].info["error"]["type"] == "ScoreOutOfRange"
+    assert result.summary.modes["agent"].final.failures == 2
+
+
+def test_ids_that_collide_once_made_safe_still_get_their_own_files(tmp_path: Path) -> None:
+    from genagent.evals.runner import _file_names
+    from genagent.tasks import Task
+
+    ids = ["a b", "a_b-c8687a08aa5d", ".hidden", "../x", "con", "A", "a"]
+    names = _file_names([Task(prompt="p", id=i) for i in ids])
+    assert len({n.lower() for n in names.values()}) == len(ids)
+    assert not any(n.startswith(".") or "/" in n for n in names.values())
+    assert names["con"].lower() != "con"
+
+
+def test_two_evaluations_cannot_write_one_folder(tmp_path: Path) -> None:
+    from genagent.evals.runner import _exclusive
+
+    (tmp_path / "ev").mkdir()
+    with _exclusive(tmp_path / "ev"):
+        bench = load_prompts(prompts(tmp_path, "a photo of a cat"))
+        with pytest.raises(ConfigurationError, match="another evaluation"):
+            Evaluation(bench, agent=sim_agent(), judge=SceneJudge(), out=tmp_path / "ev").run()
+
+
+def test_judge_failures_count_images_not_rounds(tmp_path: Path) -> None:
+    bench = load_prompts(prompts(tmp_path, "a photo of a dog"))
+    result = Evaluation(
+        bench, agent=sim_agent(rounds=3), judge=Flaky(), out=tmp_path / "ev", progress=False
+    ).run()
+    run = result.results["agent"][0]
+    distinct = {r.image_sha256 for r in run.rounds}
+    assert result.summary.modes["agent"].judge_failures == len(distinct)

@@ -123,7 +123,7 @@ def eval_command(
     )  # fmt: skip
     scorer = registry.rewards.create(judge, **_parse_kv(judge_arg, "--judge-arg"))
     folder = out or Path("genagent-evals") / _slug(
-        f"{bench.name}-{tool}-{policy or 'default'}-{judge}"
+        f"{bench.name}-{tool}-{_label(policy) if policy else 'default'}-{judge}"
     )
     evaluation = Evaluation(
         bench,
@@ -207,6 +207,17 @@ def print_summary(summary: Any) -> None:
     )
     if not summary.complete:
         console.print("[yellow]incomplete[/]: some prompts have no result yet; run again to resume")
+
+
+def _label(spec: str) -> str:
+    """A policy spec for a folder name: a URL's host and port only (no credentials, no query)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in spec:
+        return spec
+    parts = urlsplit(spec)
+    host = parts.hostname or "server"
+    return f"{host}-{parts.port}" if parts.port else host
 
 
 def _slug(text: str) -> str:

@@ -32,15 +32,16 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from genagent._async import gather_or_cancel
 from genagent._progress import progress_bar
 from genagent._version import __version__
-from genagent.errors import ConfigurationError, RunError, ToolExecutionError
+from genagent.errors import ConfigurationError, ModelVisibleError, RunError, ToolExecutionError
 from genagent.evals.benchmarks import Benchmark, BenchmarkSummary
 from genagent.images import ImageRef, MemoryImageStore, _atomic_write
 from genagent.rewards._base import Reward, RewardContext
@@ -105,6 +106,10 @@ class PromptResult(BaseModel):
         seed: The run's base seed.
         wall_s: Wall time of the run and its scoring.
         error: The error that ended the run, if any.
+        retry: Whether the prompt failed for a reason outside the model's control (the policy or
+            generator could not be reached or crashed, the judge's model failed): a resumed
+            evaluation runs it again. Refusals, unparseable judge replies and spent budgets are
+            outcomes, not retried.
     """
 
     task: Task
@@ -118,6 +123,7 @@ class PromptResult(BaseModel):
     seed: int | None = None
     wall_s: float = 0.0
     error: dict[str, Any] | None = None
+    retry: bool = False
 
 
 class ModeSummary(BaseModel):
@@ -205,6 +211,11 @@ class Evaluation:
         seed: Base seed: prompt ``i`` runs with ``seed * 1000003 + i``, so reruns and resumed
             runs draw the same images. The baseline's image uses the seed of the agent's first.
         overwrite: Delete the folder's earlier results instead of resuming them.
+        retry_errors: On resuming, run again the prompts that failed for a reason outside the
+            model's control (``PromptResult.retry``).
+        fail_fast: Stop when this many prompts in a row fail that way (a server that is down,
+            a model that does not load): their results are kept and the evaluation resumes once
+            the cause is fixed. ``0`` never stops.
         progress: Show a progress bar (default: when standard error is a terminal).
 
     Raises:
@@ -243,6 +254,8 @@ class Evaluation:
         concurrency: int = 8,
         seed: int = 0,
         overwrite: bool = False,
+        retry_errors: bool = True,
+        fail_fast: int = 8,
         progress: bool | None = None,
     ) -> None:
         if not isinstance(judge, Reward):
@@ -264,6 +277,8 @@ class Evaluation:
         self.concurrency = concurrency
         self.seed = seed
         self.overwrite = overwrite
+        self.retry_errors = retry_errors
+        self.fail_fast = fail_fast
         self.progress = progress
         self.generator: Tool | None = next(
             (t for t in agent.tools.values() if not t.requires_image), None
@@ -312,35 +327,63 @@ class Evaluation:
     async def arun(self) -> EvalResult:
         """Async :meth:`run`."""
         started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.out):
+            return await self._arun(started)
+
+    async def _arun(self, started: float) -> EvalResult:
         self._prepare()
         results: dict[str, dict[str, PromptResult]] = {m: self._load_done(m) for m in self.modes}
         todo = {
-            mode: [(i, task) for i, task in enumerate(self.tasks) if task.id not in results[mode]]
+            mode: [
+                (i, task)
+                for i, task in enumerate(self.tasks)
+                if task.id not in results[mode]
+                or (self.retry_errors and results[mode][task.id or ""].retry)
+            ]
             for mode in self.modes
         }
         ran: dict[str, int] = {mode: len(items) for mode, items in todo.items()}
         for mode in self.modes:
             done = len(self.tasks) - len(todo[mode])
-            if done:
+            again = sum(1 for _, t in todo[mode] if t.id in results[mode])
+            if done or again:
                 logger.info(
-                    "%s: resuming; %d of %d prompts already done",
+                    "%s: resuming; %d of %d prompts done, %d that failed run again",
                     mode,
                     done,
-                    done + len(todo[mode]),
+                    len(self.tasks),
+                    again,
                 )
         slots = asyncio.Semaphore(self.concurrency)
         runner = {"baseline": self._baseline, "agent": self._agent}
         for mode in self.modes:
             items = todo[mode]
             label = f"{self.benchmark.name} {mode}"
+            # consecutive failures outside the model's control
+            streak: list[PromptResult] = []
             with progress_bar(len(items), label, enabled=self.progress) as advance:
 
-                async def one(index: int, task: Task, mode: Mode = mode) -> None:
+                async def one(
+                    index: int, task: Task, mode: Mode = mode, streak: list[PromptResult] = streak
+                ) -> None:
                     async with slots:
                         result = await runner[mode](index, task)
                     self._write_result(result)
                     results[mode][task.id or ""] = result
                     advance()
+                    if not result.retry:
+                        streak.clear()
+                        return
+                    streak.append(result)
+                    if self.fail_fast and len(streak) >= self.fail_fast:
+                        reason = streak[-1].error or {}
+                        raise RunError(
+                            f"{len(streak)} prompts in a row failed in {mode} mode, the last "
+                            f"with {reason.get('type', 'an error')}: "
+                            f"{str(reason.get('message', ''))[:300]}. Their results are kept; "
+                            "fix the cause and run the same command again to resume"
+                        )
 
                 await _all(one(i, t) for i, t in items)
         summary = self._summarize(results, time.perf_counter() - started)
@@ -364,13 +407,20 @@ class Evaluation:
                 with contextlib.suppress(Exception):
                     await close()
 
-    def _run_seed(self, index: int) -> int:
-        return (self.seed * _SEED_STRIDE + index) % 2**32
+    def _run_seed(self, index: int, task: Task) -> int:
+        """The run's seed, from the task's position in the whole benchmark when it is known.
+
+        So a ``--limit`` or ``--category`` slice draws what the full run draws.
+        """
+        position = task.metadata.get("index")
+        if not isinstance(position, int) or isinstance(position, bool):
+            position = index
+        return (self.seed * _SEED_STRIDE + position) % 2**32
 
     async def _baseline(self, index: int, task: Task) -> PromptResult:
         assert self.generator is not None
         started = time.perf_counter()
-        run_seed = self._run_seed(index)
+        run_seed = self._run_seed(index, task)
         image_seed = self.agent.derive_seeds(run_seed, 1, 1)[0]
         name = self._files[task.id or ""]
         relative = f"baseline/{name}.png"
@@ -381,7 +431,7 @@ class Evaluation:
             outcome = coerce_tool_result(await self.generator.invoke(args, ctx))
             if not outcome.images:
                 raise ToolExecutionError(f"{self.generator.name} returned no image")
-            ref = MemoryImageStore().put(outcome.images[0])
+            ref = await asyncio.to_thread(MemoryImageStore().put, outcome.images[0])
         except Exception as exc:
             # the generator failed on the raw prompt: the prompt scores 0, with the reason
             logger.warning(
@@ -395,9 +445,9 @@ class Evaluation:
                 seed=run_seed,
                 wall_s=time.perf_counter() - started,
                 error={"type": type(exc).__name__, "message": str(exc)},
+                retry=not isinstance(exc, ModelVisibleError),  # a refusal is an outcome
             )
-        data = ref.read_bytes()
-        _write_bytes(self.out / relative, data)
+        await asyncio.to_thread(_write_bytes, self.out / relative, ref.read_bytes())
         scored = await self._score(task, ref, 1)
         return PromptResult(
             task=task,
@@ -407,11 +457,12 @@ class Evaluation:
             image=relative,
             seed=run_seed,
             wall_s=time.perf_counter() - started,
+            retry=_judge_failed_outside(scored),
         )
 
     async def _agent(self, index: int, task: Task) -> PromptResult:
         started = time.perf_counter()
-        run_seed = self._run_seed(index)
+        run_seed = self._run_seed(index, task)
         name = self._files[task.id or ""]
         try:
             trajectory = await self.agent.arun(task, seed=run_seed)
@@ -419,22 +470,35 @@ class Evaluation:
             if exc.trajectory is None:
                 raise
             trajectory = exc.trajectory
-        rounds: list[RoundScore] = []
         last = trajectory.num_rounds
-        for k in range(1, max(1, self.agent.max_rounds) + 1):
-            ref = trajectory.image_after_round(k)
-            if ref is None:
-                rounds.append(RoundScore(round=k, score=0.0, info={"error": "no image yet"}))
-                continue
-            rounds.append(_round_score(k, await self._score(task, ref, min(k, last)), ref))
+        refs = [trajectory.image_after_round(k) for k in range(1, self.agent.max_rounds + 1)]
+        distinct = {ref.sha256: (k, ref) for k, ref in reversed(list(enumerate(refs, 1))) if ref}
+        scored = dict(
+            zip(
+                distinct,
+                await gather_or_cancel(
+                    [self._score(task, ref, min(k, last)) for k, ref in distinct.values()]
+                ),
+                strict=True,
+            )
+        )
+        rounds = [
+            _round_score(k, scored[ref.sha256], ref)
+            if ref is not None
+            else RoundScore(round=k, score=0.0, info={"error": "no image yet"})
+            for k, ref in enumerate(refs, start=1)
+        ]
         final = rounds[-1]
         if trajectory.final_image_ref is not None:
             trajectory.rewards[self.judge.name] = RewardOutput(
                 score=final.score, components=final.components, info=final.info
             )
         relative = f"trajectories/{name}"
-        await asyncio.to_thread(trajectory.save, self.out / relative)
+        folder = self.out / relative
+        await asyncio.to_thread(_remove_tree, folder)  # a run again starts from a clean folder
+        await asyncio.to_thread(trajectory.save, folder)
         error = trajectory.error
+        outside = error is not None and error.type in _OUTSIDE_ERRORS
         return PromptResult(
             task=task,
             mode="agent",
@@ -446,6 +510,7 @@ class Evaluation:
             seed=run_seed,
             wall_s=time.perf_counter() - started,
             error=error.model_dump(mode="json") if error is not None else None,
+            retry=outside or any(_judge_failed_outside(o) for o in scored.values()),
         )
 
     async def _score(self, task: Task, ref: ImageRef, round_: int) -> RewardOutput:
@@ -457,6 +522,22 @@ class Evaluation:
         image = await asyncio.to_thread(_open, ref)
         ctx = RewardContext(task=task, round=round_, image_ref=ref)
         output = await self.judge.safe_ascore(task.prompt, image, ctx)
+        value = output.score
+        if value is not None and self.benchmark.scoring != "mean" and not 0.0 <= value <= 1.0:
+            # the benchmark's rule takes scores in [0, 1]: say so now, not at summary time
+            output = output.model_copy(
+                update={
+                    "score": None,
+                    "info": {
+                        **output.info,
+                        "error": {
+                            "type": "ScoreOutOfRange",
+                            "message": f"{self.judge.name} gave {value!r}; "
+                            f"{self.benchmark.name} aggregates scores in [0, 1]",
+                        },
+                    },
+                }
+            )
         self._cache[key] = output
         return output
 
@@ -551,7 +632,10 @@ class Evaluation:
                     if by_id and mode == "agent"
                     else (1.0 if by_id else 0.0)
                 ),
-                judge_failures=sum(1 for r in by_id.values() for s in r.rounds if s.score is None),
+                judge_failures=sum(
+                    len({s.image_sha256 for s in r.rounds if s.score is None})
+                    for r in by_id.values()
+                ),
             )
         return EvalSummary(
             benchmark=self.benchmark.name,
@@ -672,6 +756,53 @@ def plot_scaling(summary: EvalSummary, path: str | os.PathLike[str]) -> Path:
 
 _IDENTITY = ("benchmark", "seed", "judge", "agent", "tools", "policy")
 
+# errors that say nothing about the model: the service or the machine failed
+_OUTSIDE_ERRORS = frozenset(
+    {"PolicyError", "ToolUnavailable", "HookError", "TimeoutError", "ConnectionError", "OSError"}
+)
+
+
+def _judge_failed_outside(output: RewardOutput) -> bool:
+    """Whether a judge failure was the judge model's service, not its reply."""
+    if output.score is not None:
+        return False
+    error = output.info.get("error")
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    return kind in _OUTSIDE_ERRORS
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` for this process: two evaluations must not write one folder.
+
+    An ``flock`` lock: the system releases it when the process dies, even by SIGKILL. On
+    systems without ``fcntl`` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = folder / ".lock"
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigurationError(
+                f"{folder} is being written by another evaluation ({holder}); wait for it to "
+                "finish or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
 
 def _identity(config: Mapping[str, Any], key: str) -> Any:
     value = config.get(key)
@@ -712,19 +843,34 @@ def _open(ref: ImageRef) -> PILImage.Image:
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{n}" for p in ("com", "lpt") for n in range(10)}
+
+
 def _file_names(tasks: Sequence[Task]) -> dict[str, str]:
-    """A file-system-safe, unique name per task id (the id itself when it is already safe)."""
+    """A file-system-safe, unique name per task id (the id itself when it is already safe).
+
+    Unique without regard to case (case-insensitive file systems), never hidden (no leading
+    dot), never a reserved Windows device name.
+    """
     names: dict[str, str] = {}
-    seen: set[str] = set()
+    taken: set[str] = set()
     for index, task in enumerate(tasks):
         key = task.id if task.id is not None else f"{index}"
         if key in names:
             raise ConfigurationError(f"two prompts share the id {key!r}; ids must be unique")
-        name = key if key and not _SAFE.search(key) and not key.startswith(".") else ""
-        if not name or len(name) > 80 or name.lower() in seen:
-            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-            name = f"{_SAFE.sub('_', key)[:40]}-{digest}"
-        seen.add(name.lower())
+        name = key if key and not _SAFE.search(key) and len(key) <= 80 else ""
+        attempt = 0
+        while (
+            not name
+            or name.startswith(".")
+            or name.lower() in taken
+            or name.split(".")[0].lower() in _RESERVED
+        ):
+            digest = hashlib.sha256(f"{key}\0{attempt}".encode()).hexdigest()[:12]
+            cleaned = _SAFE.sub("_", key).lstrip(".")[:40]
+            name = f"{cleaned}-{digest}" if cleaned else digest
+            attempt += 1
+        taken.add(name.lower())
         names[key] = name
     return names
 
