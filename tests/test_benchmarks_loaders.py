@@ -76,8 +76,10 @@ def test_geneval_has_553_prompts_in_6_tags_with_line_ids() -> None:
         "include": [{"class": "bench", "count": 1}],
         "benchmark": "geneval",
         "line": 1,
+        "index": 0,
     }
     assert last.id == "0553" and last.metadata["line"] == 553
+    assert last.metadata["index"] == 552
     counting = next(t for t in bench.tasks if t.category == "counting")
     assert counting.metadata["exclude"]  # GenEval's "not one more" constraint is kept
     official = (SHARED / "geneval" / "evaluation_metadata.jsonl").read_bytes()
@@ -186,6 +188,21 @@ def test_a_multi_file_benchmark_hash_joins_the_file_hashes() -> None:
 def test_limit_keeps_the_first_tasks() -> None:
     bench = load_benchmark("geneval++", SHARED, limit=5)
     assert [t.id for t in bench.tasks] == ["0001", "0002", "0003", "0004", "0005"]
+    assert bench.full_tasks == 280 and bench.full_categories == GENEVAL_PP_TAGS
+    assert bench.is_partial
+
+
+@needs_files
+def test_every_task_knows_its_position_in_the_whole_benchmark() -> None:
+    """metadata["index"]: 0-based, in the official order, the same in a slice (stable seeds)."""
+    for name in ("geneval", "geneval++", "wise-legacy", "wise-verified"):
+        bench = load_benchmark(name, SHARED)
+        assert [t.metadata["index"] for t in bench.tasks] == list(range(len(bench.tasks)))
+    wise = load_benchmark("wise-verified", SHARED)
+    assert [t.id for t in wise.tasks[:3]] == ["1", "2", "3"]  # the official order: prompt_id
+    pp = load_benchmark("geneval++", SHARED)
+    counting = pp.subset([t for t in pp.tasks if t.category == "counting"])
+    assert [t.metadata["index"] for t in counting.tasks] == list(range(240, 280))
 
 
 def test_every_name_is_listed_with_a_description() -> None:
@@ -625,6 +642,175 @@ def test_limit_and_variant_are_checked() -> None:
         load_benchmark("geneval", limit=0)
     with pytest.raises(ConfigurationError, match="rewrite"):
         load_benchmark("geneval", variant="rewrite")
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """U+2028, U+2029, U+0085 and form feed are valid raw inside a JSON string."""
+    file = tmp_path / "p.jsonl"
+    prompts = ["a cat\u2028on a mat", "a dog\x85in a park", "a cow\x0cin a field\u2029"]
+    file.write_text("\n".join(json.dumps({"prompt": p}, ensure_ascii=False) for p in prompts))
+    bench = load_prompts(file)
+    assert [t.prompt for t in bench.tasks] == prompts
+    assert [t.id for t in bench.tasks] == ["0001", "0002", "0003"]
+    geneval = tmp_path / "evaluation_metadata.jsonl"
+    record = {"tag": "colors", "include": [{"class": "cat"}], "prompt": "a cat\u2028"}
+    geneval.write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    assert load_benchmark("geneval", geneval).tasks[0].prompt == "a cat\u2028"
+
+
+def test_txt_lines_split_at_newlines_only_and_ids_are_line_numbers(tmp_path: Path) -> None:
+    file = tmp_path / "p.txt"
+    file.write_bytes("a cat\u2028on a mat\r\na dog\x0cin a park\n\nthird\x85one\n".encode())
+    bench = load_prompts(file)
+    assert [t.prompt for t in bench.tasks] == [
+        "a cat\u2028on a mat", "a dog\x0cin a park", "third\x85one"
+    ]  # fmt: skip
+    assert [t.id for t in bench.tasks] == ["0001", "0002", "0004"]
+    assert [t.metadata["line"] for t in bench.tasks] == [1, 2, 4]
+    assert [t.metadata["index"] for t in bench.tasks] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("record", "where"),
+    [
+        ('{"prompt": "a dog \\ud83d"}', "'prompt'"),
+        ('{"prompt": "a dog", "id": "x\\udc00"}', "'id'"),
+        ('{"prompt": "a dog", "category": "\\udfff"}', "'category'"),
+        ('{"prompt": "a dog", "extra": {"k": ["\\ud800"]}}', "'extra'"),
+        ('{"prompt": "a dog", "\\ud800": 1}', "a key"),
+    ],
+)
+def test_a_lone_surrogate_is_a_file_error_naming_the_line(
+    tmp_path: Path, record: str, where: str
+) -> None:
+    file = tmp_path / "p.jsonl"
+    file.write_text('{"prompt": "a cat"}\n' + record + "\n")
+    with pytest.raises(BenchmarkFileError, match="line 2: has a lone surrogate") as info:
+        load_prompts(file)
+    assert info.value.line == 2 and where in str(info.value)
+
+
+def test_a_lone_surrogate_in_an_official_file_is_a_file_error(tmp_path: Path) -> None:
+    geneval = tmp_path / "evaluation_metadata.jsonl"
+    geneval.write_text('{"tag": "colors", "include": [{"class": "c\\ud83d"}], "prompt": "x"}\n')
+    with pytest.raises(BenchmarkFileError, match="line 1: has a lone surrogate"):
+        load_benchmark("geneval", geneval)
+    wise = tmp_path / "w.json"
+    record = {
+        "Prompt": "a dog \ud83d", "Explanation": "e", "Category": "Cultural knowledge",
+        "Subcategory": "s", "prompt_id": 1,
+    }  # fmt: skip
+    wise.write_text(json.dumps([record]))  # ensure_ascii: written as the escape \ud83d
+    with pytest.raises(BenchmarkFileError, match="record 1: has a lone surrogate"):
+        load_benchmark("wise", wise)
+
+
+def test_json_nested_too_deeply_is_a_file_error(tmp_path: Path) -> None:
+    file = tmp_path / "p.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    file.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "x": ' + deep + "}\n")
+    with pytest.raises(BenchmarkFileError, match="line 2: holds JSON nested too deeply"):
+        load_prompts(file)
+    wise = tmp_path / "w.json"
+    wise.write_text(deep)
+    with pytest.raises(BenchmarkFileError, match="nested too deeply"):
+        load_benchmark("wise", wise)
+    # deep enough for json but not for a task's metadata (JSON values, checked by pydantic)
+    middling = "[" * 900 + "]" * 900
+    file.write_text('{"prompt": "a dog", "x": ' + middling + "}\n")
+    with pytest.raises(BenchmarkFileError, match="line 1: has a 'metadata' that is not valid"):
+        load_prompts(file)
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path, bom: bytes) -> None:
+    for suffix in (".txt", ".jsonl"):
+        file = tmp_path / f"p{suffix}"
+        file.write_bytes(bom + b'{"prompt": "a cat"}\n{"prompt": "a \xff\xfe dog"}\n')
+        byte = 34 + len(bom)  # the offset of \xff in the file
+        with pytest.raises(
+            BenchmarkFileError, match=rf"line 2: is not UTF-8 text \(byte {byte} "
+        ) as info:
+            load_prompts(file)
+        assert info.value.line == 2 and info.value.path == file
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def _custom(tmp_path: Path) -> Benchmark:
+    file = tmp_path / "p.jsonl"
+    records = [
+        {"prompt": "a cat", "category": "animals"},
+        {"prompt": "a dog", "category": "animals"},
+        {"prompt": "a red cup", "category": "colors"},
+        {"prompt": "a blue cup", "category": "colors", "index": "mine"},
+    ]
+    file.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return load_prompts(file)
+
+
+def test_a_whole_benchmark_is_not_partial(tmp_path: Path) -> None:
+    bench = _custom(tmp_path)
+    assert (bench.full_tasks, bench.full_categories, bench.is_partial) == (None, None, False)
+    summary = bench.summarize({"0001": 1.0, "0002": 0.0, "0003": 1.0, "0004": 1.0})
+    assert summary.complete and not summary.partial and summary.total is None
+    assert "PARTIAL" not in summary.rule
+    assert bench.subset(bench.tasks).summarize({t.id or "": 1.0 for t in bench.tasks}).complete
+
+
+def test_a_slice_says_it_is_not_the_official_figure(tmp_path: Path) -> None:
+    bench = _custom(tmp_path)
+    colors = bench.subset([t for t in bench.tasks if t.category == "colors"])
+    assert colors.full_tasks == 4 and colors.full_categories == ("animals", "colors")
+    summary = colors.summarize({"0003": 1.0, "0004": 0.0})
+    assert summary.overall == pytest.approx(0.5)  # the slice, by the same rule
+    assert summary.missing == 0 and summary.n == 2
+    assert not summary.complete and summary.partial and summary.total == 4
+    assert "a slice of 2 of 4 prompts, 1 of its 2 categories" in summary.rule
+    assert "not the official figure" in summary.rule
+    assert summary.rule.startswith(bench.rule)
+    # a slice of a slice still knows the whole benchmark
+    first = colors.subset(colors.tasks[:1])
+    assert (first.full_tasks, first.full_categories) == (4, ("animals", "colors"))
+    assert "a slice of 1 of 4 prompts" in first.summarize({"0003": 1.0}).rule
+    # limit= loads a slice too
+    limited = load_prompts(tmp_path / "p.jsonl", limit=3)
+    assert limited.full_tasks == 4 and limited.is_partial
+    assert not limited.summarize({"0001": 1.0, "0002": 1.0, "0003": 1.0}).complete
+    assert not load_prompts(tmp_path / "p.jsonl", limit=10).is_partial
+
+
+def test_custom_tasks_know_their_index_and_keep_their_own(tmp_path: Path) -> None:
+    bench = _custom(tmp_path)
+    assert [t.metadata["index"] for t in bench.tasks] == [0, 1, 2, 3]
+    assert bench.tasks[3].metadata["record_index"] == "mine"
+    sliced = bench.subset(bench.tasks[2:])
+    assert [t.metadata["index"] for t in sliced.tasks] == [2, 3]
+
+
+def test_a_wise_category_slice_is_partial(tmp_path: Path) -> None:
+    tasks = [
+        Task(prompt=f"p{i}", id=str(i), category=c)
+        for i, c in enumerate(["cultural", "time", "space"], 1)
+    ]
+    bench = Benchmark(name="wise-verified", tasks=tasks, source="x", sha256=None, scoring="binary")
+    whole = bench.summarize({"1": 1.0, "2": 1.0, "3": 0.0})
+    assert not whole.partial  # incomplete (three categories absent), but not a slice
+    cultural = bench.subset(tasks[:1]).summarize({"1": 1.0})
+    assert cultural.partial and cultural.overall == pytest.approx(1.0)
+    assert "a slice of 1 of 3 prompts, 1 of its 3 categories" in cultural.rule
+
+
+def test_full_tasks_below_the_task_count_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="full_tasks"):
+        Benchmark(
+            name="custom", tasks=[Task(prompt="a", id="1"), Task(prompt="b", id="2")],
+            source="x", sha256=None, scoring="mean", full_tasks=1,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the simulator

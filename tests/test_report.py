@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -328,6 +329,100 @@ def test_text_that_is_not_utf8_encodable_is_replaced(tmp_path: Path) -> None:
     path.write_text(json.dumps(result))  # json escapes it as \ud800
     page = page_for(write_report(root), "t-3").read_text(encoding="utf-8")
     assert "lone ? surrogate" in page
+
+
+HUGE = "1" + "0" * 400  # a JSON int that no float holds: float() raises OverflowError
+
+
+def _put_huge(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite the JSON file at ``path``, where ``edit`` sets the marker "HUGE" to the huge int."""
+    data = json.loads(path.read_text())
+    edit(data)
+    text = json.dumps(data).replace('"HUGE"', HUGE)
+    assert HUGE in text
+    path.write_text(text)
+
+
+def _rows(index: Path) -> dict[str, str]:
+    """The index's rows by task id (t-1, t-2, t-3)."""
+    rows = re.findall(r"<tr class=\"run\".*?</tr>", index.read_text(encoding="utf-8"), re.S)
+    return {next(t for t in ("t-1", "t-2", "t-3") if t in row): row for row in rows}
+
+
+def test_a_huge_int_in_metadata_or_a_score_is_text_not_a_crash(tmp_path: Path) -> None:
+    root = eval_folder(tmp_path / "eval")
+    _put_huge(  # in the task's metadata, in the trajectory the page shows
+        root / "trajectories" / "t-3" / "trajectory.json",
+        lambda d: d["task"].update(metadata={"big": "HUGE"}),
+    )
+    _put_huge(root / "results" / "agent" / "t-1.json", lambda d: d.update(score="HUGE"))
+    _put_huge(  # a judge's score of one round, in the baseline result
+        root / "results" / "baseline" / "t-2.json", lambda d: d["rounds"][0].update(score="HUGE")
+    )
+    index = write_report(root)
+    rows = _rows(index)
+    shown = HUGE[:19] + "…" + HUGE[-19:] + " (401 characters)"
+    assert HUGE[:30] in page_for(index, "t-3").read_text(encoding="utf-8")  # metadata, as text
+    assert 'data-outcome="passed"' in rows["t-3"]
+    # a score that is not a finite number is an error of the run, shown as text
+    assert 'data-outcome="error"' in rows["t-1"] and "score is not a finite number" in rows["t-1"]
+    assert shown in rows["t-1"] and 'data-score=""' in rows["t-1"]
+    page = page_for(index, "t-2").read_text(encoding="utf-8")
+    assert f"{shown} (not a finite number)" in page
+    assert 'data-outcome="failed"' in rows["t-2"]  # the agent's own score is fine
+
+
+def test_a_nan_score_is_an_error_not_unscored(tmp_path: Path) -> None:
+    root = eval_folder(tmp_path / "eval")
+    path = root / "results" / "agent" / "t-1.json"
+    path.write_text(path.read_text().replace('"score": 1.0, "rounds"', '"score": NaN, "rounds"'))
+    row = _rows(write_report(root))["t-1"]
+    assert 'data-outcome="error"' in row and "score is not a finite number: nan" in row
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"type": "JudgeError", "message": "the judge timed out", "hint": "retry"},
+        "the judge timed out",
+    ],
+)
+def test_a_result_whose_error_is_set_is_an_error(tmp_path: Path, error: object) -> None:
+    root = eval_folder(tmp_path / "eval")
+    for mode, task_id in (("agent", "t-1"), ("baseline", "t-3")):
+        path = root / "results" / mode / f"{task_id}.json"
+        result = json.loads(path.read_text())
+        result["error"] = error  # the score stays: an error outranks it
+        path.write_text(json.dumps(result))
+    rows = _rows(write_report(root))
+    assert 'data-outcome="error"' in rows["t-1"] and "the judge timed out" in rows["t-1"]
+    # the baseline failed beside an agent result that passed: still an error, said to be the
+    # baseline's
+    assert 'data-outcome="error"' in rows["t-3"] and "baseline: " in rows["t-3"]
+    assert "the judge timed out" in rows["t-3"]
+    assert 'data-outcome="failed"' in rows["t-2"]
+
+
+def test_stray_tmp_files_of_a_killed_run_are_ignored(tmp_path: Path) -> None:
+    """SIGKILL mid-write leaves ``.<name>.<hex>.tmp`` files beside results and images."""
+    root = eval_folder(tmp_path / "eval")
+    clean = {k: re.sub(r' id="run-[^"]*"', "", v) for k, v in _rows(write_report(root)).items()}
+    for mode in ("agent", "baseline"):
+        folder = root / "results" / mode
+        (folder / ".t-1.json.0123abcd.tmp").write_text('{"task": {"prompt": "trunc')
+        (folder / ".t-9.json.0123abcd.tmp").write_text("{")
+    for run in (root / "trajectories").iterdir():
+        (run / ".trajectory.json.0123abcd.tmp").write_text("{")
+        images = run / "images"
+        for image in list(images.iterdir()):
+            (images / f".{image.name}.0123abcd.tmp").write_bytes(image.read_bytes()[:40])
+        (images / f".{'0' * 64}.png.0123abcd.tmp").write_bytes(b"\x89PNG")
+    index = write_report(root)
+    rows = {k: re.sub(r' id="run-[^"]*"', "", v) for k, v in _rows(index).items()}
+    assert rows == clean  # the same three runs, the same outcomes, no new error
+    for task_id in ("t-1", "t-2", "t-3"):
+        page = page_for(index, task_id).read_text(encoding="utf-8")
+        assert ".tmp" not in page and "image check failed" not in page
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:

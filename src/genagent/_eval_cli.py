@@ -205,6 +205,13 @@ def print_summary(summary: Any) -> None:
         "round K",
         style="dim",
     )
+    partial = next((f for _, f in columns if f.partial), None)
+    if partial is not None:
+        console.print(
+            f"[yellow]a slice[/] of {partial.n} of {partial.total} prompts: "
+            "not the official figure",
+            highlight=False,
+        )
     if not summary.complete:
         console.print("[yellow]incomplete[/]: some prompts have no result yet; run again to resume")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from genagent.errors import ConfigurationError
 from genagent.tasks import Task
@@ -258,8 +258,13 @@ class BenchmarkSummary(BaseModel):
         failures: Prompts whose judge failed; they count as 0.
         missing: Benchmark prompts with no score; they are left out of every figure.
         scoring: The scoring kind (``"strict"``, ``"wiscore"``, ``"binary"``, ``"mean"``).
-        complete: Whether every prompt is scored (``missing == 0``); only then is ``overall``
-            the benchmark's official figure.
+        complete: Whether every prompt of the whole benchmark is scored (``missing == 0``
+            and not a slice); only then is ``overall`` the benchmark's official figure.
+        partial: Whether the scored benchmark is a slice (``--limit`` / ``--category``,
+            :meth:`Benchmark.subset`) of fewer prompts than the whole benchmark: the figure
+            aggregates the slice by the official rule but is not the official figure (the
+            rule text says so).
+        total: The whole benchmark's prompt count when ``partial`` (else ``None``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -273,6 +278,8 @@ class BenchmarkSummary(BaseModel):
     missing: int
     scoring: str = "mean"
     complete: bool = True
+    partial: bool = False
+    total: int | None = None
 
 
 def _check_scoring(scoring: str) -> None:
@@ -753,6 +760,9 @@ class Benchmark:
         description: One line about the benchmark.
         license: The licence of the prompt files.
         files: The local files read.
+        full_tasks: For a slice (:meth:`subset`, ``limit=``): the whole benchmark's task
+            count; ``None`` for a whole benchmark.
+        full_categories: For a slice: the whole benchmark's categories, in order.
     """
 
     name: str
@@ -763,6 +773,8 @@ class Benchmark:
     description: str = ""
     license: str = ""
     files: tuple[str, ...] = ()
+    full_tasks: int | None = None
+    full_categories: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_scoring(self.scoring)
@@ -776,6 +788,15 @@ class Benchmark:
             if task.id in seen:
                 raise ConfigurationError(f"benchmark {self.name!r}: duplicate task id {task.id!r}")
             seen.add(task.id)
+        if self.full_tasks is not None and (
+            isinstance(self.full_tasks, bool)
+            or not isinstance(self.full_tasks, int)
+            or self.full_tasks < len(self.tasks)
+        ):
+            raise ConfigurationError(
+                f"benchmark {self.name!r}: full_tasks must be an int >= its {len(self.tasks)} "
+                f"tasks, got {self.full_tasks!r}"
+            )
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -783,8 +804,11 @@ class Benchmark:
     def subset(self, tasks: Sequence[Task]) -> Benchmark:
         """The same benchmark restricted to ``tasks`` (a ``--limit`` or ``--category`` slice).
 
-        Its summaries aggregate by the same rule over the categories present (WISE weights
-        are renormalised over them).
+        The slice remembers the whole benchmark (:attr:`full_tasks`, :attr:`full_categories`,
+        kept through a slice of a slice). Its summaries aggregate the slice by the same rule
+        over the categories present (WISE weights are renormalised over them), and when it
+        holds fewer tasks than the whole benchmark they say so: ``partial=True``,
+        ``complete=False`` and a note in the rule text.
 
         Raises:
             ConfigurationError: If a task is not one of this benchmark's.
@@ -795,7 +819,19 @@ class Benchmark:
             raise ConfigurationError(
                 f"{len(foreign)} task(s) are not part of benchmark {self.name!r}: {foreign[:3]}"
             )
-        return dataclasses.replace(self, tasks=list(tasks))
+        return dataclasses.replace(
+            self,
+            tasks=list(tasks),
+            full_tasks=self.full_tasks if self.full_tasks is not None else len(self.tasks),
+            full_categories=(
+                self.full_categories if self.full_categories is not None else tuple(self.categories)
+            ),
+        )
+
+    @property
+    def is_partial(self) -> bool:
+        """Whether this is a slice of fewer tasks than the whole benchmark."""
+        return self.full_tasks is not None and len(self.tasks) < self.full_tasks
 
     @property
     def categories(self) -> list[str]:
@@ -840,7 +876,25 @@ class Benchmark:
         # checked here, not in summarize_scores, so that the error names the task
         for task_id, value in scores.items():
             _check_score(self.scoring, f"task {task_id!r}", value)
-        return summarize_scores(self.scoring, by_category, benchmark=self.name, missing=missing)
+        summary = summarize_scores(self.scoring, by_category, benchmark=self.name, missing=missing)
+        if not self.is_partial:
+            return summary
+        assert self.full_tasks is not None
+        cats = ""
+        if self.full_categories is not None and len(self.categories) < len(self.full_categories):
+            cats = f", {len(self.categories)} of its {len(self.full_categories)} categories"
+        note = (
+            f" PARTIAL: a slice of {len(self.tasks)} of {self.full_tasks} prompts{cats}, "
+            "aggregated by the rule above; not the official figure."
+        )
+        return summary.model_copy(
+            update={
+                "rule": summary.rule + note,
+                "complete": False,
+                "partial": True,
+                "total": self.full_tasks,
+            }
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -879,7 +933,8 @@ def load_benchmark(
             check their sha256 and cache them.
         cache_dir: Where downloads are cached (default: :func:`default_cache_dir`). A cached
             file is used without ``download`` and re-verified on every load.
-        limit: Keep only the first ``limit`` tasks (quick runs; the figure is then partial).
+        limit: Keep only the first ``limit`` tasks (quick runs): a slice, as
+            :meth:`Benchmark.subset`, whose summaries are ``partial`` and not ``complete``.
         variant: ``"rewrite"`` loads WISE legacy's rewritten prompts (= ``"wise-legacy-rewrite"``).
         mirror: Base URL that replaces ``https://raw.githubusercontent.com`` (default:
             ``$GENAGENT_BENCHMARK_MIRROR``), e.g. an internal mirror with the same layout.
@@ -939,9 +994,7 @@ def load_benchmark(
         tasks = _dedupe_wise(spec, tasks, [f for f, _ in files])
     if not tasks:
         raise BenchmarkFileError("no prompts in the file", path=files[0][0])
-    if limit is not None:
-        tasks = tasks[:limit]
-    return Benchmark(
+    bench = Benchmark(
         name=spec.name,
         tasks=tasks,
         source=shown_source,
@@ -951,6 +1004,7 @@ def load_benchmark(
         license=spec.license,
         files=tuple(str(f) for f, _ in files),
     )
+    return bench.subset(tasks[:limit]) if limit is not None else bench
 
 
 def _check_limit(limit: int | None) -> None:
@@ -1170,9 +1224,94 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        # exc.start counts from after a BOM that utf-8-sig dropped
+        start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
         raise BenchmarkFileError(
-            f"is not UTF-8 text (byte {exc.start}); is it the right file?", path=path
+            f"is not UTF-8 text (byte {start} is {data[start : start + 1]!r}); is it the right "
+            "file? Save it as UTF-8",
+            path=path,
+            line=line,
         ) from exc
+
+
+def _lines(text: str) -> list[str]:
+    r"""The lines of ``text``, split at ``"\n"`` only (a trailing ``"\r"`` dropped).
+
+    Not :meth:`str.splitlines`, which also splits at U+2028, U+0085, form feed and others:
+    those may sit inside a JSON string or a prompt, and line numbers would stop matching what
+    an editor shows.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline ending the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _lone_surrogate(value: object) -> tuple[str, str] | None:
+    r"""(where, the code point) of a lone surrogate in a JSON value's strings.
+
+    ``json`` decodes an escaped half of a surrogate pair (``"\ud83d"``) to a str that cannot
+    be written as UTF-8; such a string would fail later, far from the file. Walked without
+    recursion, so that deep nesting cannot overflow the stack.
+    """
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where or "the value", f"U+{ord(item[exc.start]):04X}"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                inner = f"{where}[{key!r}]" if where else repr(key)
+                stack.append((f"a key in {where or 'the record'}", key))
+                stack.append((inner, child))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+def _too_deep(path: Path, *, line: int | None = None) -> BenchmarkFileError:
+    """The error for JSON that ``json`` cannot read without overflowing the stack."""
+    return BenchmarkFileError(
+        "holds JSON nested too deeply to read (thousands of levels of [ or {); the file is "
+        "corrupt or not a prompt file",
+        path=path,
+        line=line,
+    )
+
+
+def _task(path: Path, *, line: int | None = None, record: int | None = None, **fields: Any) -> Task:
+    """A :class:`Task`; a value it refuses is a :class:`BenchmarkFileError` naming the line."""
+    try:
+        return Task(**fields)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+        field_name = ".".join(str(part) for part in first["loc"]) or "the record"
+        raise BenchmarkFileError(
+            f"has a {field_name!r} that is not valid ({first['msg']})",
+            path=path,
+            line=line,
+            record=record,
+        ) from exc
+
+
+def _check_unicode(
+    value: object, path: Path, *, line: int | None = None, record: int | None = None
+) -> None:
+    found = _lone_surrogate(value)
+    if found is not None:
+        where, code = found
+        raise BenchmarkFileError(
+            f"has a lone surrogate {code} in {where} (an escaped half of a UTF-16 pair, "
+            "such as \\ud83d without its partner), which is not text; fix or remove it",
+            path=path,
+            line=line,
+            record=record,
+        )
 
 
 def _json_lines(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
@@ -1185,11 +1324,13 @@ def _json_lines(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
             f"is a JSON array (a WISE file?), not JSON lines; expected {what}", path=path
         )
     records: list[tuple[int, dict[str, Any]]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise _too_deep(path, line=number) from None
         except ValueError as exc:
             raise BenchmarkFileError(
                 f"is not valid JSON ({exc}); the file may be truncated or corrupt: fetch it again",
@@ -1202,6 +1343,7 @@ def _json_lines(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
                 path=path,
                 line=number,
             )
+        _check_unicode(record, path, line=number)
         records.append((number, record))
     return records
 
@@ -1256,7 +1398,12 @@ def _read_geneval(spec: _Spec, path: Path) -> list[Task]:
         # Echo-4o's GenEval++ evaluator reads image <line>.jpg; GenEval's scripts write the
         # images of record <line> to folder f"{line - 1:05d}".
         metadata["line"] = index
-        tasks.append(Task(prompt=prompt, id=f"{index:04d}", category=tag, metadata=metadata))
+        metadata["index"] = index - 1
+        tasks.append(
+            _task(
+                path, line=number, prompt=prompt, id=f"{index:04d}", category=tag, metadata=metadata
+            )
+        )
     return tasks
 
 
@@ -1285,12 +1432,14 @@ def _read_wise(spec: _Spec, path: Path) -> list[Task]:
         raise BenchmarkFileError("is empty; expected a JSON array of WISE records", path=path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise _too_deep(path) from None
     except ValueError as exc:
         hint = " the file may be truncated or corrupt: fetch it again"
-        first = text.lstrip().splitlines()[0] if text.strip() else ""
+        first = _lines(text.lstrip())[0] if text.strip() else ""
         try:
             head = json.loads(first)
-        except ValueError:
+        except (ValueError, RecursionError):
             head = None
         if isinstance(head, dict) and "include" in head:
             hint = " it is a GenEval-style JSON-lines file: load it with 'geneval' or 'geneval++'"
@@ -1330,6 +1479,7 @@ def _read_wise(spec: _Spec, path: Path) -> list[Task]:
                 record=number,
             )
         assert isinstance(prompt_id, int)
+        _check_unicode(record, path, record=number)
         prompt = record["Prompt"]
         if not prompt.strip():
             raise BenchmarkFileError(
@@ -1351,7 +1501,9 @@ def _read_wise(spec: _Spec, path: Path) -> list[Task]:
                 record=number,
             )
         tasks.append(
-            Task(
+            _task(
+                path,
+                record=number,
                 prompt=prompt,
                 id=str(prompt_id),
                 category=category,
@@ -1378,7 +1530,10 @@ def _dedupe_wise(spec: _Spec, tasks: list[Task], files: Sequence[Path]) -> list[
                 path=files[0] if len(files) == 1 else files[0].parent,
             )
         seen[task.id] = task
-    return sorted(seen.values(), key=lambda t: int(t.id or 0))
+    ordered = sorted(seen.values(), key=lambda t: int(t.id or 0))
+    return [
+        t.model_copy(update={"metadata": {**t.metadata, "index": i}}) for i, t in enumerate(ordered)
+    ]
 
 
 # --------------------------------------------------------------------------- custom prompts
@@ -1405,7 +1560,7 @@ def load_prompts(path: str | os.PathLike[str], *, limit: int | None = None) -> B
 
     Args:
         path: The file.
-        limit: Keep only the first ``limit`` prompts.
+        limit: Keep only the first ``limit`` prompts: a slice, as :meth:`Benchmark.subset`.
 
     Raises:
         BenchmarkFileError: For an unreadable or empty file, a bad line, a record without a
@@ -1425,9 +1580,7 @@ def load_prompts(path: str | os.PathLike[str], *, limit: int | None = None) -> B
     tasks = _read_txt(file) if suffix == ".txt" else _read_custom_jsonl(file)
     if not tasks:
         raise BenchmarkFileError("holds no prompts", path=file)
-    if limit is not None:
-        tasks = tasks[:limit]
-    return Benchmark(
+    bench = Benchmark(
         name="custom",
         tasks=tasks,
         source=str(file),
@@ -1436,6 +1589,7 @@ def load_prompts(path: str | os.PathLike[str], *, limit: int | None = None) -> B
         description=f"custom prompts from {file.name}",
         files=(str(file),),
     )
+    return bench.subset(tasks[:limit]) if limit is not None else bench
 
 
 def _width(lines: int) -> int:
@@ -1443,7 +1597,7 @@ def _width(lines: int) -> int:
 
 
 def _read_txt(path: Path) -> list[Task]:
-    lines = _read_text(path).splitlines()
+    lines = _lines(_read_text(path))
     width = _width(len(lines))
     tasks: list[Task] = []
     for number, line in enumerate(lines, 1):
@@ -1451,10 +1605,12 @@ def _read_txt(path: Path) -> list[Task]:
         if not prompt or prompt.startswith("#"):
             continue
         tasks.append(
-            Task(
+            _task(
+                path,
+                line=number,
                 prompt=prompt,
                 id=f"{number:0{width}d}",
-                metadata={"benchmark": "custom", "line": number},
+                metadata={"benchmark": "custom", "line": number, "index": len(tasks)},
             )
         )
     return tasks
@@ -1500,5 +1656,12 @@ def _read_custom_jsonl(path: Path) -> list[Task]:
             metadata["tag"] = record["tag"]
         metadata.setdefault("benchmark", "custom")
         metadata.setdefault("line", number)
-        tasks.append(Task(prompt=prompt, id=task_id, category=category, metadata=metadata))
+        if "index" in metadata:  # "index" is the loader's; the record's own is kept beside it
+            metadata["record_index"] = metadata.pop("index")
+        metadata["index"] = len(tasks)
+        tasks.append(
+            _task(
+                path, line=number, prompt=prompt, id=task_id, category=category, metadata=metadata
+            )
+        )
     return tasks

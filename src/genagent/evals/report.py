@@ -249,15 +249,50 @@ def _page(title: str, body: str, *, embed: bool) -> str:
 
 
 def _num(value: object) -> float | None:
-    """A finite number, else ``None`` (bools, strings, NaN and infinities are not scores)."""
+    """A finite number, else ``None`` (bools, strings, NaN and infinities are not scores).
+
+    An int too large for a float (JSON allows ``1`` followed by 400 zeros) is not one either:
+    ``float()`` would raise ``OverflowError``.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
     return number if math.isfinite(number) else None
 
 
 def _fmt_score(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``value`` as short text: a huge int as its first and last digits and its length."""
+    try:
+        text = str(value)
+    except ValueError:  # an int over Python's int-to-str digit limit
+        return "an integer too long to show"
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]} ({len(text)} characters)"
+
+
+def _fmt_raw_score(value: object) -> str:
+    """A saved score as text: 3 decimals, "—" when absent, else the value as it is."""
+    number = _num(value)
+    if number is not None:
+        return _fmt_score(number)
+    return "—" if value is None else f"{_short(value)} (not a finite number)"
+
+
+def _bad_score(result: Mapping[str, Any] | None, label: str) -> str:
+    """What is wrong with a result's ``score`` when it is set but not a finite number."""
+    value = result.get("score") if result is not None else None
+    if value is None or _num(value) is not None:
+        return ""
+    return f"{label} score is not a finite number: {_short(value)}"
 
 
 def _fmt_s(value: object) -> str:
@@ -293,7 +328,9 @@ def _render(value: object, depth: int = 0) -> str:
         return _e(str(value).lower())
     if isinstance(value, int | float):
         number = _num(value)
-        return _e(f"{number:.4g}" if number is not None and isinstance(value, float) else value)
+        if number is not None and isinstance(value, float):
+            return _e(f"{number:.4g}")
+        return _e(_short(value, _LONG_TEXT))
     if isinstance(value, str):
         if len(value) > _LONG_TEXT:
             return (
@@ -619,14 +656,19 @@ def _read_run(source: _Source, *, verify_images: bool) -> _Run:
     return run
 
 
-def _result_error(result: Mapping[str, Any] | None) -> str:
+def _result_error(result: Mapping[str, Any] | None, label: str = "") -> str:
+    """A result's ``error`` as text, or ``""`` when it has none (``null`` or absent)."""
     error = result.get("error") if result is not None else None
-    if not error:
+    if error is None:
         return ""
     if isinstance(error, Mapping):
         text = f"{error.get('type', 'Error')}: {error.get('message', '')}"
-        return f"{text} {error['hint']}" if error.get("hint") else text
-    return str(error)
+        text = f"{text} {error['hint']}" if error.get("hint") else text
+    else:
+        text = _short(error, _LONG_TEXT)
+    if not text.strip():
+        text = f"an error with no details ({_short(json.dumps(error))})"
+    return f"{label}{text}"
 
 
 @dataclass
@@ -654,7 +696,10 @@ def _assess(run: _Run, pass_threshold: float) -> _Scored:
             *run.source.problems,
             run.trajectory_error,
             _result_error(agent),
-            _result_error(baseline) if agent is None and trajectory is None else "",
+            _bad_score(agent, "the agent result's"),
+            # a baseline that failed is an error of the run too, even beside an agent result
+            _result_error(baseline, "" if agent is None and trajectory is None else "baseline: "),
+            _bad_score(baseline, "the baseline result's"),
             f"{trajectory.error.type}: {trajectory.error.message}"
             if trajectory is not None and trajectory.error is not None
             else "",
@@ -720,7 +765,8 @@ def _round_scores(result: Mapping[str, Any] | None) -> dict[int, Mapping[str, An
 
 def _score_block(entry: Mapping[str, Any], label: str) -> str:
     score = _num(entry.get("score"))
-    parts = [f'<div class="field"><div class="label">{_e(label)}</div>{_e(_fmt_score(score))}']
+    text = _fmt_score(score) if score is not None else _fmt_raw_score(entry.get("score"))
+    parts = [f'<div class="field"><div class="label">{_e(label)}</div>{_e(text)}']
     if entry.get("score") is None:
         parts.append(' <span class="muted">(not scored)</span>')
     parts.append("</div>")
@@ -869,7 +915,7 @@ def _outcome_html(
             if position < len(outcome.seeds) and outcome.seeds[position] is not None:
                 label.append(f"seed {outcome.seeds[position]}")
             if outcome.scores is not None and position < len(outcome.scores):
-                label.append(f"judge {_fmt_score(_num(outcome.scores[position]))}")
+                label.append(f"judge {_fmt_raw_score(outcome.scores[position])}")
             label.append(f"{ref.width}×{ref.height}")
             badge = ' <span class="badge sel">selected</span>' if selected and many else ""
             alt = f"round {outcome.round} {label[0]}"
@@ -992,7 +1038,7 @@ def _run_page(
     agent_scores = _round_scores(source.agent)
     if agent_scores:
         rows = "".join(
-            f"<tr><td>{k}</td><td>{_e(_fmt_score(_num(v.get('score'))))}</td>"
+            f"<tr><td>{k}</td><td>{_e(_fmt_raw_score(v.get('score')))}</td>"
             f"<td>{_judge_info(v.get('info'))}</td></tr>"
             for k, v in sorted(agent_scores.items())
         )
