@@ -101,3 +101,34 @@ def test_remote_concurrency_reports_speedups() -> None:
     # 4 requests in flight overlap the 50 ms waits: about 4x, and well over 1.5x even on a
     # loaded 2-core machine; a client that serialised them would give 1x
     assert results["c4_speedup"] > 1.5, results
+
+
+def test_attention_smoke_checks_the_kernels_against_sdpa() -> None:
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    # tiny shapes on the CPU under the Triton interpreter: the harness runs, timings mean nothing
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "attention.py"), "--smoke", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["info"]["mode"] == "smoke" and report["info"]["triton_interpret"] is True
+    results = report["results"]
+    assert [c["name"].split(", ")[1] for c in results["vision"]] == [
+        "window attention",
+        "full attention",
+    ]
+    for suite in ("lm", "vision", "decode"):
+        assert results[suite], suite
+        for case in results[suite]:
+            kernel = case["results"]["kernel"]
+            assert "fwd_ms" in kernel and "failed" not in kernel, (case["name"], kernel)
+            assert suite == "decode" or kernel["max_grad_error"] < 1e-4, (case["name"], kernel)
+    # float32: the kernel, the padded transformers batch and the per-sequence loop all agree
+    # with the float32 reference to rounding
+    assert results["summary"]["kernel_max_error"] < 1e-4
+    assert results["summary"]["baseline_max_error"] < 1e-4
+    assert results["summary"]["lm_fwd_speedup_vs_hf_sdpa"]["target"] == 3.0

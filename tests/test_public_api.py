@@ -68,6 +68,14 @@ PUBLIC = {
         "plot_scaling", "summarize_scores", "wiscore",
     ],
     "genagent.evals.report": ["write_report"],
+    "genagent.kernels": [
+        "KernelConfig", "autotune_enabled", "decode_attention", "default_config", "is_available",
+        "set_autotune", "unsupported_reason", "varlen_attention", "varlen_attention_with_lse",
+    ],
+    "genagent.kernels.hf": [
+        "ATTENTION_NAME", "attention_forward", "enable_fused_attention", "fused_attention_mask",
+        "register", "reset_stats", "stats",
+    ],
     "genagent.sim": [
         "BASE_ERROR", "CATEGORIES", "EDIT_SUCCESS", "EXPLICIT_FACTOR", "RECORD_KEY",
         "CheckResult", "Constraint", "DrawnObject", "ErrorModel", "HeuristicPolicy", "ObjectSpec",

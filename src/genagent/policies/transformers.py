@@ -231,7 +231,11 @@ class TransformersPolicy:
             dtype: ``"auto"`` (bf16 on GPUs that support it, fp16 on other GPUs and MPS, fp32 on
                 CPU), a torch dtype, or its name.
             attn_implementation: Passed to transformers (``"sdpa"``, ``"eager"``, a registered
-                kernel, or a dict per sub-config).
+                kernel, or a dict per sub-config). ``"genagent_varlen"`` (or its alias
+                ``"fused"``) selects genagent's fused Triton attention (``[kernels]`` extra):
+                it is registered with transformers and enabled on the language model and the
+                vision tower (:func:`genagent.kernels.hf.enable_fused_attention`); calls the
+                kernels cannot serve fall back to PyTorch attention, with a log line.
             revision: Branch, tag or commit of the checkpoint.
             subfolder: Folder of the model inside the repository (the processor is looked for
                 there too, then at the root).
@@ -246,6 +250,7 @@ class TransformersPolicy:
         """
         resolved_device = pick_device(device)
         resolved_dtype = pick_dtype(dtype, resolved_device)
+        attn_implementation, fused = _resolve_attention(attn_implementation)
 
         def load() -> tuple[Any, Any]:
             common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -276,6 +281,10 @@ class TransformersPolicy:
                     "for gated weights run `huggingface-cli login`; offline, point at a local "
                     "folder."
                 ) from exc
+            if fused:  # the vision tower's single call per layer (and sub-models not yet set)
+                from genagent.kernels.hf import enable_fused_attention
+
+                enable_fused_attention(model, attn_implementation)
             try:
                 model.to(resolved_device)
             except Exception as exc:
@@ -927,6 +936,24 @@ def _truncate(scaled: torch.Tensor, top_k: int | None, top_p: float | None) -> t
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()
     return probs
+
+
+def _resolve_attention(
+    value: str | dict[str, Any] | None,
+) -> tuple[Any, bool]:
+    """``"fused"`` / ``"genagent_varlen"`` -> the registered fused kernel (in a dict too).
+
+    Returns:
+        The implementation to pass to transformers, and whether the fused kernel is in it.
+    """
+    if isinstance(value, dict):
+        resolved = {key: _resolve_attention(sub) for key, sub in value.items()}
+        return {k: r for k, (r, _) in resolved.items()}, any(u for _, u in resolved.values())
+    if value in ("fused", "genagent_varlen"):
+        from genagent.kernels.hf import register
+
+        return register(), True
+    return value, False
 
 
 def _load_processor(
