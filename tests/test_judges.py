@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +30,7 @@ from genagent import (
     ToolResult,
     reward,
 )
+from genagent.images import MemoryImageStore
 from genagent.policies import OpenAIPolicy
 from genagent.rewards import (
     ChecklistJudge,
@@ -41,6 +44,8 @@ from genagent.rewards import (
     build_checklist,
     read_judgment,
 )
+from genagent.rewards import judges as judges_module
+from genagent.rewards.judges import PairwiseAsReward
 from genagent.sim import HeuristicPolicy, SceneJudge, sample_tasks, scene_tools
 
 from ._servers import Recorded, Reply, ScriptedServer
@@ -644,6 +649,30 @@ def test_a_checklist_judge_picks_the_best_of_n_candidates_in_the_agent() -> None
         ("The apple is now red, so the image now satisfies the request.", (True, "better")),
         ("A cat on a mat.", (None, None)),
         (None, (None, None)),
+        ("the colour needs improvement", (None, None)),
+        ("Compared with the previous image, the dog still needs improvement.", (None, None)),
+        ("Better than before, though the colours could be better.", (None, "better")),
+        ("No improvement is needed; the image satisfies the request.", (True, None)),
+        ("The previous image was better.", (None, "worse")),
+        ("The earlier version was much worse; this one is closer.", (None, "better")),
+        ("The new image is an improvement over the last one.", (None, "better")),
+        ("The image fails to show two cups.", (False, None)),
+        ("[fail] the cup is not blue.", (False, None)),
+        ("The image is not quite right: the cup should be blue.", (False, None)),
+        (
+            "The image does not show any dog, as asked. The image satisfies the request.",
+            (True, None),
+        ),
+        (
+            "[ok] there are exactly two cups; [wrong] the cup is blue: the cups are red. "
+            "The image does not satisfy the request yet.",
+            (False, None),
+        ),
+        (
+            "[ok] there are exactly two cups; [ok] the cups are blue. The image satisfies the "
+            "request.",
+            (True, None),
+        ),
     ],
 )
 def test_judgments_are_read_by_documented_keyword_rules(
@@ -831,6 +860,26 @@ def test_the_simulator_policy_has_imperfect_reflection_accuracy() -> None:
     assert all(v["done_from"] == "judgment" for v in verdicts)
 
 
+def test_the_simulator_policy_judgments_read_as_their_final_verdict() -> None:
+    endings = {
+        "The image satisfies the request.": (True, None),
+        "The image does not satisfy the request yet.": (False, None),
+        "I cannot verify the image; I accept it.": (None, None),
+    }
+    noisy = HeuristicPolicy(seed=1, miss_rate=0.3, false_alarm_rate=0.3)
+    judgments = {
+        turn.action.judgment
+        for policy in (HeuristicPolicy(seed=0), noisy)
+        for trajectory in sim_runs(policy, n=60)
+        for turn in trajectory.turns
+        if turn.action is not None and turn.action.judgment
+    }
+    assert len(judgments) > 60 and any("[wrong]" in j for j in judgments)
+    for judgment in judgments:
+        ending = next(e for e in endings if judgment.endswith(e))
+        assert read_judgment(judgment) == endings[ending], judgment
+
+
 def test_a_simulator_policy_that_perceives_perfectly_scores_one() -> None:
     reflection = ReflectionAccuracy(SceneJudge())
     perfect = HeuristicPolicy(seed=0, miss_rate=0.0, false_alarm_rate=0.0)
@@ -848,3 +897,349 @@ def test_reflection_accuracy_is_an_agent_reward() -> None:
     trajectory = agent.run(sample_tasks(1, seed=2)[0], seed=0)
     output = trajectory.rewards["reflection_accuracy"]
     assert output.score is not None and output.info["compared"] >= 1
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize(
+    "reply,expected",
+    [
+        # a list in the prose of a numbered reply is not the answer
+        (
+            '1. no - the apple is missing; I would need ["yes", "yes"] to pass\n2. no',
+            {"apple#0.count": 0.0, "apple#0.color": 0.0},
+        ),
+        (
+            "1. yes - there are two apples [1]\n2. no - they are green, not red [0, 1]",
+            {"apple#0.count": 1.0, "apple#0.color": 0.0},
+        ),
+        # the answers under "items" / "answers", as asked, are read (scalars allowed there)
+        ('{"answers": ["yes", "no"]}', {"apple#0.count": 1.0, "apple#0.color": 0.0}),
+        ('Draft: 1. yes\n2. yes\nFinal: {"items": [{"id": 1, "answer": "yes"}, '
+         '{"id": 2, "answer": "no"}]}', {"apple#0.count": 1.0, "apple#0.color": 0.0}),
+        ('[{"id": 0, "answer": "yes"}, {"id": 1, "answer": "no"}]',
+         {"apple#0.count": 1.0, "apple#0.color": 0.0}),
+    ],
+    ids=["stray-yes-list", "stray-number-lists", "answers-key", "items-after-draft", "zero-based"],
+)  # fmt: skip
+def test_stray_lists_never_override_the_checklist_answers(
+    reply: str, expected: dict[str, float]
+) -> None:
+    output = score(ChecklistJudge(ScriptedPolicy([reply]), retries=0))
+    assert output.components == expected, output.info
+
+
+@pytest.mark.parametrize("reply", ['["yes", "yes"]', "[1, 1]", "Answers: [true, true]"])
+def test_a_bare_list_of_scalars_is_not_a_checklist_answer(reply: str) -> None:
+    output = score(ChecklistJudge(ScriptedPolicy([reply]), retries=0))
+    assert output.score is None and output.info["error"]["type"] == "unparseable_reply"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Consistency: 0\nRealism: 1\nAesthetic Quality: 1\n"
+        "(Consistency 2 needs the right species.)",
+        "Consistency: 0\nRealism: 1\nAesthetic Quality: 1\n"
+        "Note: a Consistency of 2 would need the right species.",
+        "Consistency: 0\nRealism: 1\nAesthetic Quality: 1\n"
+        "Consistency: 2 would need the right species; inconsistency: 2 places.",
+    ],
+    ids=["no-separator", "of-2", "later-line"],
+)
+def test_wise_reads_the_first_score_line_of_each_criterion(reply: str) -> None:
+    output = score(WiseJudge(ScriptedPolicy([reply]), retries=0), task=WISE_TASK)
+    assert output.components == {"consistency": 0.0, "realism": 1.0, "aesthetic_quality": 1.0}
+    assert output.score == pytest.approx(0.15)
+
+
+def test_wise_needs_a_separator_between_a_criterion_and_its_score() -> None:
+    reply = "Consistency 2\nRealism 1\nAesthetic Quality 1"
+    output = score(WiseJudge(ScriptedPolicy([reply]), retries=0), task=WISE_TASK)
+    assert output.score is None and output.info["error"]["type"] == "unparseable_reply"
+    equals = score(WiseJudge(ScriptedPolicy(["Consistency = 2\nRealism=1\nAesthetics: 0"])))
+    assert equals.components == {"consistency": 2.0, "realism": 1.0, "aesthetic_quality": 0.0}
+
+
+class Failing:
+    """A policy whose every call raises ``exc``."""
+
+    name = "failing-vlm"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.calls = 0
+
+    async def generate(self, messages: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("CUDA out of memory"), TimeoutError(), ConnectionError("reset")]
+)
+def test_any_judge_model_error_is_a_failure_with_provenance(exc: Exception) -> None:
+    for judge in (ChecklistJudge(Failing(exc)), WiseJudge(Failing(exc)),
+                  PointwiseJudge(Failing(exc), "Quality?")):  # fmt: skip
+        output = asyncio.run(judge.safe_ascore(APPLE.prompt, solid("red"), RewardContext(APPLE)))
+        assert output.score is None
+        assert output.info["error"]["type"] == type(exc).__name__
+        assert output.info["error"]["message"]
+        assert output.info["judge_model"] == "failing-vlm"
+        assert output.info["judge_version"] == judge.judge_version
+        assert output.info["prompt"] and output.info["prompt_sha256"]
+    output = compare(PairwiseJudge(Failing(exc)), solid("red"), solid("blue"))
+    assert output.prob_a_better is None
+    assert output.info["error"]["type"] == type(exc).__name__
+    assert output.info["judge_version"] == "pairwise-v1" and output.info["prompt"]
+
+
+def test_cancellation_and_configuration_errors_are_not_swallowed() -> None:
+    with pytest.raises(asyncio.CancelledError):
+        score(ChecklistJudge(Failing(asyncio.CancelledError())))
+    with pytest.raises(ConfigurationError, match="weights"):
+        score(ChecklistJudge(Failing(ConfigurationError("the weights cannot be loaded"))))
+
+
+@pytest.mark.parametrize(
+    "reply", ['{"better": Infinity}', '{"better": 1e999}', '{"better": NaN}', '{"better": -1e400}',
+              '{"better": 100000000000000000000000000000000000000000000000000000}'],
+)  # fmt: skip
+def test_a_non_finite_pairwise_answer_is_an_unreadable_reply(reply: str) -> None:
+    judge = PairwiseJudge(ScriptedPolicy([reply], cycle=True), retries=0)
+    output = compare(judge, solid("red"), solid("blue"))
+    assert output.prob_a_better is None
+    assert output.info["error"]["type"] == "unparseable_reply"
+
+
+def test_non_finite_scores_are_unreadable_replies() -> None:
+    for reply in ('{"score": Infinity}', '{"score": 1e999}', '{"score": NaN}',
+                  '{"score": ' + "9" * 400 + "}"):  # fmt: skip
+        rating = score(PointwiseJudge(ScriptedPolicy([reply]), "Quality?", retries=0))
+        assert rating.score is None and rating.info["error"]["type"] == "unparseable_reply"
+        value = reply[len('{"score": ') : -1]
+        wise = f'{{"Consistency": {value}, "Realism": 1, "Aesthetic Quality": 1}}'
+        output = score(WiseJudge(ScriptedPolicy([wise]), retries=0), task=WISE_TASK)
+        assert output.score is None and output.info["error"]["type"] == "unparseable_reply"
+
+
+MEGABYTE = 1_000_000
+HOSTILE_REPLIES = {
+    "open-braces": "{" * 64 + "a" * MEGABYTE,
+    "open-strings": '{"' * 40 + "x" * MEGABYTE,
+    "bracket-quotes": '["' * (MEGABYTE // 2),
+    "deep-nesting": "[" * (MEGABYTE // 2) + "]" * (MEGABYTE // 2),
+    "many-objects": '{"a": 1} ' * (MEGABYTE // 9),
+    "many-fences": "".join(f'```[{i}, "a"]```' for i in range(MEGABYTE // 14)),
+    "score-spaces": "score:" + " " * MEGABYTE + "x",
+    "better-spaces": "better:" + " " * MEGABYTE + "x",
+    "wise-spaces": "Consistency" + " " * MEGABYTE + "x",
+    "wise-stars": "Consistency" + " *" * (MEGABYTE // 2) + "x",
+    "numbered-spaces": "!" + " " * MEGABYTE + "x",
+    "python-literal": "{" + ", ".join(f"'k{i}': {i}" for i in range(MEGABYTE // 12)) + "}",
+}
+HOSTILE_JUDGES: dict[str, Callable[[Any], Any]] = {
+    "checklist": lambda p: ChecklistJudge(p, retries=0),
+    "wise": lambda p: WiseJudge(p, retries=0),
+    "wise-verified": lambda p: WiseJudge(p, mode="verified", retries=0),
+    "pointwise": lambda p: PointwiseJudge(p, "Quality?", retries=0),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_REPLIES))
+def test_a_one_megabyte_hostile_reply_is_read_in_well_under_a_tenth_of_a_second(
+    shape: str,
+) -> None:
+    reply = HOSTILE_REPLIES[shape]
+    assert len(reply) >= MEGABYTE - 20
+    for kind, make in HOSTILE_JUDGES.items():
+        query = make(ScriptedPolicy([])).build_query(APPLE.prompt, RewardContext(task=APPLE))
+        timings = []
+        for _ in range(2):  # the better of two: one slow scheduling slice is not the parser
+            started = time.perf_counter()
+            with contextlib.suppress(ValueError):
+                query.parse(judges_module._answer_text(reply))
+            timings.append(time.perf_counter() - started)
+        assert min(timings) < 0.1, (kind, shape, timings)
+    judge = PairwiseJudge(ScriptedPolicy([]))
+    started = time.perf_counter()
+    with contextlib.suppress(ValueError):
+        judge.build_query("x").parse(judges_module._answer_text(reply))
+    assert time.perf_counter() - started < 0.1, ("pairwise", shape)
+
+
+def test_answers_after_a_long_preamble_are_still_found() -> None:
+    prose = "Let me look at [each] {part} of the image. " * 2_000  # 88 KB, 4,000 brackets
+    output = score(ChecklistJudge(ScriptedPolicy([prose + items_json("yes", "no")]), retries=0))
+    assert output.components == {"apple#0.count": 1.0, "apple#0.color": 0.0}
+
+
+# ---- GenEval counts
+
+
+GENEVAL_TWO_OBJECT = {
+    "include": [{"class": "bench", "count": 1}, {"class": "sports ball", "count": 1}],
+    "benchmark": "geneval",
+}
+
+
+def test_geneval_tasks_read_counts_as_minimums_and_geneval_pp_tasks_as_exact() -> None:
+    task = Task(prompt="a photo of a bench and a sports ball", metadata=GENEVAL_TWO_OBJECT)
+    output = score(ChecklistJudge(ScriptedPolicy([items_json("yes", "yes")])), task=task)
+    assert output.info["counts"] == "at_least"
+    statements = [i["statement"] for i in output.info["items"]]
+    assert statements == [
+        "The image contains at least one bench.",
+        "The image contains at least one sports ball.",
+    ]
+    assert "at least one bench" in output.info["prompt"]
+    for benchmark in ("geneval++", "custom", None):
+        meta = {**GENEVAL_TWO_OBJECT, "benchmark": benchmark}
+        other = Task(prompt=task.prompt, metadata=meta)
+        exact = score(ChecklistJudge(ScriptedPolicy([items_json("yes", "yes")])), task=other)
+        assert exact.info["counts"] == "exact"
+        assert "exactly one bench" in exact.info["prompt"]
+    # an explicit setting still forces one reading
+    forced = score(ChecklistJudge(ScriptedPolicy([items_json("yes", "yes")]), counts="exact"),
+                   task=task)  # fmt: skip
+    assert forced.info["counts"] == "exact" and "exactly one bench" in forced.info["prompt"]
+    assert ChecklistJudge(ScriptedPolicy([])).describe()["counts"] == "per-task"
+
+
+def test_a_loaded_geneval_two_object_task_is_judged_with_minimum_counts() -> None:
+    if not GENEVAL.exists():
+        pytest.skip(f"{GENEVAL} is not available")
+    from genagent.evals import load_benchmark
+
+    task = next(t for t in load_benchmark("geneval", GENEVAL).tasks if t.category == "two_object")
+    items = build_checklist(task.prompt, task.metadata)
+    assert all("at least one" in i.statement for i in items), items
+    counting = next(
+        t
+        for t in load_benchmark("geneval", GENEVAL).tasks
+        if t.category == "counting" and t.metadata.get("exclude")
+    )
+    statements = [i.statement for i in build_checklist(counting.prompt, counting.metadata)]
+    assert any("at least" in s for s in statements) and any("fewer than" in s for s in statements)
+
+
+def test_the_checklist_factory_decides_counts_per_task_unless_told() -> None:
+    from genagent import registry
+
+    url = "http://127.0.0.1:9/v1"
+    assert registry.rewards.create("checklist", policy=url, model="m").counts is None
+    assert registry.rewards.create("checklist", policy=url, counts="exact").counts == "exact"
+
+
+def test_the_documented_judge_arguments_parse_and_build_a_judge() -> None:
+    from genagent import registry
+    from genagent.cli import _parse_kv
+
+    args = ["policy=https://api.openai.com/v1", "model=gpt-4.1"]
+    kwargs = _parse_kv(args, "--judge-arg")
+    assert kwargs == {"policy": "https://api.openai.com/v1", "model": "gpt-4.1"}
+    for name in ("checklist", "wise", "pairwise"):
+        judge = registry.rewards.create(name, **kwargs)
+        policy = (
+            judge.describe().get("judge_policy") or judge.describe()["pairwise"]["judge_policy"]
+        )
+        assert policy["base_url"] == "https://api.openai.com/v1" and policy["model"] == "gpt-4.1"
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for page in ("evaluation.md", "judges.md"):
+        assert "openai:" not in (docs / page).read_text(encoding="utf-8"), page
+    documented = (docs / "evaluation.md").read_text(encoding="utf-8")
+    assert "--judge-arg policy=https://api.openai.com/v1 --judge-arg model=gpt-4.1" in documented
+    with pytest.raises(ConfigurationError):  # the form the docs used to show
+        registry.rewards.create("checklist", **_parse_kv(['policy="openai:gpt-4.1"'], "x"))
+
+
+# ---- a pairwise judge as a reward
+
+
+def test_a_pairwise_judge_picks_candidates_against_the_previous_image_in_the_agent() -> None:
+    pairwise = PairwiseJudge(red_vlm())
+    judge = pairwise.against("previous")
+    assert isinstance(judge, PairwiseAsReward) and judge.name == "pairwise"
+    policy = ScriptedPolicy(
+        [call("two red apples"), call("two red apples"), "<judge>Done.</judge><answer>x</answer>"]
+    )
+    agent = Agent(TwoColours(), policy=policy, candidates=2, judge=judge, rewards=[judge],
+                  max_rounds=3)  # fmt: skip
+    trajectory = agent.run(APPLE, seed=0)
+    first, second = trajectory.rounds
+    # round 1: nothing to compare with, so a tie and the first (blue) candidate continues
+    assert first.scores == (0.5, 0.5) and first.image == first.candidates[0]
+    # round 2: each candidate against the blue image the run continued from; the blue
+    # candidate is that very image (0.5, unasked), the red one beats it
+    assert second.scores == (0.5, 1.0) and second.image == second.candidates[1]
+    final = trajectory.rewards["pairwise"]
+    assert final.score == 1.0 and final.info["compared"] is True
+    assert final.info["reference"] == {
+        "kind": "previous", "round": 2, "reference_round": 1, "sha256": first.image.sha256,
+    }  # fmt: skip
+    assert final.info["judge_version"] == "pairwise-v1" and len(final.info["raw"]) == 2
+    assert agent.describe()["judge"]["reference"] == "previous"
+
+
+def test_a_pairwise_reward_scores_like_an_evaluation_judge() -> None:
+    task = APPLE
+    red_ref = MemoryImageStore().put(solid("red"))
+    ctx = RewardContext(task=task, round=2, image_ref=red_ref)  # as Evaluation passes it
+    previous = PairwiseJudge(red_vlm()).against("previous")
+    output = asyncio.run(previous.safe_ascore(task.prompt, solid("red"), ctx))
+    assert output.score == 0.5 and output.info["compared"] is False
+    assert "no trajectory" in output.info["note"]
+    anchor = PairwiseJudge(red_vlm()).against(solid("blue"))
+    assert asyncio.run(anchor.safe_ascore(task.prompt, solid("red"), ctx)).score == 1.0
+    losing = asyncio.run(anchor.safe_ascore(task.prompt, solid("green"), ctx))
+    assert losing.score == 0.5 and losing.info["reference"]["kind"] == "image"  # a tie
+    assert (
+        anchor.describe()["reference"]["image_sha256"]
+        == MemoryImageStore().put(solid("blue")).sha256
+    )
+    failing = PairwiseAsReward(PairwiseJudge(Failing(RuntimeError("down"))), solid("blue"))
+    failed = asyncio.run(failing.safe_ascore(task.prompt, solid("red"), ctx))
+    assert failed.score is None and failed.info["error"]["type"] == "RuntimeError"
+
+
+def test_a_pairwise_reward_finds_the_round_from_the_trajectory() -> None:
+    trajectory = right_run()  # round 1 blue, round 2 red
+    first, second = trajectory.rounds
+    reward_ = PairwiseJudge(red_vlm()).against("first")
+    ctx = RewardContext(task=trajectory.task, trajectory=trajectory, image_ref=second.image)
+    output = asyncio.run(reward_.ascore(trajectory.prompt, second.image.open(), ctx))
+    assert output.score == 1.0
+    assert output.info["reference"]["reference_round"] == 1
+    ctx = RewardContext(task=trajectory.task, trajectory=trajectory, image_ref=first.image)
+    output = asyncio.run(reward_.ascore(trajectory.prompt, first.image.open(), ctx))
+    assert output.score == 0.5 and output.info["compared"] is False
+
+
+def test_the_pairwise_factory_takes_a_reference_image_file(
+    server: ScriptedServer, tmp_path: Path
+) -> None:
+    def prefers_red(request: Recorded) -> Reply:
+        reds = [
+            Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+            for data in sent_images(request)
+        ]
+        better = "tie" if reds[0] == reds[1] else ("1" if reds[0] else "2")
+        return Reply(completion(json.dumps({"better": better})))
+
+    server.always("POST", CHAT, prefers_red)
+    from genagent import registry
+
+    anchor = tmp_path / "anchor.png"
+    solid("blue").save(anchor)
+    judge = registry.rewards.create(
+        "pairwise", policy=f"{server.url}/v1", model="judge-vlm", reference=str(anchor)
+    )
+    assert isinstance(judge, PairwiseAsReward)
+    output = asyncio.run(judge.safe_ascore(APPLE.prompt, solid("red"), RewardContext(APPLE)))
+    assert output.score == 1.0 and len(server.requests) == 2
+    assert output.info["judge_model"] == "judge-vlm-2025"
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        registry.rewards.create("pairwise", policy=f"{server.url}/v1", reference="nope.png")
+    with pytest.raises(ConfigurationError, match="PairwiseReward"):
+        PairwiseAsReward(red_reference)  # type: ignore[arg-type]

@@ -54,9 +54,10 @@ PUBLIC = {
     ],
     "genagent.rewards": [
         "ChecklistItem", "ChecklistJudge", "CompositeReward", "JudgeQuery", "JudgeVerdict",
-        "PairwiseJudge", "PairwiseOutput", "PairwiseReward", "PointwiseJudge", "PolicyVerdict",
-        "ReflectionAccuracy", "Reward", "RewardContext", "RewardOutput", "VLMJudge", "WiseJudge",
-        "build_checklist", "coerce_reward_output", "read_judgment", "reward",
+        "PairwiseAsReward", "PairwiseJudge", "PairwiseOutput", "PairwiseReward", "PointwiseJudge",
+        "PolicyVerdict", "ReflectionAccuracy", "Reward", "RewardContext", "RewardOutput",
+        "VLMJudge", "WiseJudge", "build_checklist", "coerce_reward_output", "read_judgment",
+        "reward",
     ],
     "genagent.evals": [
         "BENCHMARKS", "GENEVAL_PP_TAGS", "GENEVAL_TAGS", "SCORING_RULES", "WISE_CATEGORIES",

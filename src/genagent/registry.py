@@ -263,6 +263,11 @@ for _name, _target, _description in (
     ("wise", "wise", "VLM judge: WISE WiScore (consistency, realism, aesthetics; policy=...)"),
     ("wise-verified", "wise_verified", "VLM judge: WISE Verified, binary (policy=...)"),
     ("pointwise", "pointwise", "VLM judge: a 0-10 rating of criterion=... (policy=...)"),
+    (
+        "pairwise",
+        "pairwise",
+        "VLM judge: P(better than the run's previous image; reference=first|<image file>)",
+    ),
 ):
     rewards.register(_name, f"genagent.rewards._factories:{_target}", description=_description)
 

@@ -13,7 +13,13 @@ import os
 from typing import Any
 
 from genagent.errors import ConfigurationError
-from genagent.rewards.judges import ChecklistJudge, PointwiseJudge, WiseJudge
+from genagent.rewards.judges import (
+    ChecklistJudge,
+    PairwiseAsReward,
+    PairwiseJudge,
+    PointwiseJudge,
+    WiseJudge,
+)
 
 JUDGE_ENV = "GENAGENT_JUDGE"
 
@@ -38,11 +44,16 @@ def checklist(
     policy: str | None = None,
     model: str | None = None,
     mode: str = "strict",
-    counts: str = "exact",
+    counts: str | None = None,
     retries: int = 1,
     **policy_options: Any,
 ) -> ChecklistJudge:
-    """A :class:`~genagent.rewards.ChecklistJudge` on the model ``policy`` names."""
+    """A :class:`~genagent.rewards.ChecklistJudge` on the model ``policy`` names.
+
+    ``counts`` defaults to per task: ``at_least`` for GenEval (``geneval``, ``geneval-long``)
+    tasks, as GenEval's official rule reads their counts, ``exact`` otherwise (GenEval++);
+    ``counts=exact`` or ``counts=at_least`` forces one reading for every task.
+    """
     return ChecklistJudge(
         _policy(policy, model, policy_options, "checklist"),
         mode=mode,  # type: ignore[arg-type]  # checked by the judge
@@ -88,3 +99,28 @@ def pointwise(
         scale=(0, scale_max),
         retries=retries,
     )
+
+
+def pairwise(
+    policy: str | None = None,
+    model: str | None = None,
+    reference: str = "previous",
+    criterion: str | None = None,
+    swap: bool = True,
+    retries: int = 1,
+    **policy_options: Any,
+) -> PairwiseAsReward:
+    """A :class:`~genagent.rewards.PairwiseJudge` used as a pointwise reward.
+
+    It scores an image by the probability that it is better than ``reference``: the run's
+    ``previous`` image (default; best-of-N keeps the candidate most likely to beat the image
+    the run continued from), its ``first`` image, or an image file (a path) -- a fixed anchor,
+    which is what an evaluation needs, since it scores images without their run.
+    """
+    judge = PairwiseJudge(
+        _policy(policy, model, policy_options, "pairwise"),
+        criterion=criterion,
+        swap=swap,
+        retries=retries,
+    )
+    return PairwiseAsReward(judge, reference)

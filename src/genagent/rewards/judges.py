@@ -15,11 +15,15 @@ import ast
 import asyncio
 import hashlib
 import inspect
+import itertools
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 from genagent.errors import ConfigurationError, PolicyError
@@ -38,12 +42,16 @@ __all__ = [
     "ChecklistJudge",
     "JudgeQuery",
     "JudgeVerdict",
+    "PairwiseAsReward",
     "PairwiseJudge",
     "PointwiseJudge",
     "VLMJudge",
     "WiseJudge",
     "build_checklist",
+    "counts_for",
 ]
+
+logger = logging.getLogger("genagent.rewards")
 
 _DEFAULT_SAMPLING: Final = SamplingParams(temperature=0.0, max_new_tokens=2048)
 """Greedy decoding: a judge should give the same verdict for the same image."""
@@ -128,20 +136,30 @@ class _Asker:
         for _ in range(self.retries + 1):
             try:
                 output = await self.policy.generate(messages, sampling=self.sampling)
-            except PolicyError as exc:
-                answer.error = {"type": type(exc).__name__, "message": str(exc)}
+                text = output.text
+                if not isinstance(text, str):
+                    raise PolicyError(
+                        f"the judge model returned {type(text).__name__} instead of text"
+                    )
+            except ConfigurationError:
+                raise  # a judge model that cannot work at all (weights that do not load)
+            except Exception as exc:  # the server, the GPU, a timeout: recorded, not raised
+                # (CancelledError and KeyboardInterrupt are not Exceptions: they propagate)
+                answer.error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
                 return answer
-            answer.replies.append(output.text)
+            answer.replies.append(text)
             answer.model = output.model or answer.model
             answer.usage = answer.usage + output.usage
             try:
-                answer.verdict = query.parse(_answer_text(output.text))
+                answer.verdict = query.parse(_answer_text(text))
                 return answer
             except ValueError as exc:
                 reason = str(exc)
+            except Exception as exc:  # a parser tripped by a hostile reply: unreadable
+                reason = f"{type(exc).__name__}: {exc}"
             messages = [
                 *messages,
-                Message.assistant(output.text),
+                Message.assistant(text),
                 Message.user(
                     f"Your reply could not be read: {reason.rstrip('.')}. Reply again in exactly "
                     f"this format, with nothing else:\n{query.format}"
@@ -371,7 +389,7 @@ def build_checklist(
     prompt: str,
     metadata: Mapping[str, Any] | None = None,
     *,
-    counts: Literal["exact", "at_least"] = "exact",
+    counts: Literal["exact", "at_least"] | None = None,
 ) -> list[ChecklistItem]:
     """The checklist for a task, from its GenEval / GenEval++ metadata.
 
@@ -387,7 +405,9 @@ def build_checklist(
         metadata: The task's metadata.
         counts: ``"exact"`` (GenEval++: "three clocks" means exactly three; an ``exclude`` of
             ``count + 1`` adds nothing) or ``"at_least"`` (GenEval: ``include`` counts are
-            minimums and ``exclude`` entries cap them).
+            minimums and ``exclude`` entries cap them). ``None`` (default) decides per task
+            (:func:`counts_for`): ``"at_least"`` for a task of the ``geneval`` and
+            ``geneval-long`` benchmarks (``metadata["benchmark"]``), else ``"exact"``.
 
     Returns:
         The items, in order.
@@ -395,9 +415,11 @@ def build_checklist(
     Raises:
         ValueError: If the metadata is malformed (never a looser checklist).
     """
-    if counts not in ("exact", "at_least"):
-        raise ValueError(f"counts must be 'exact' or 'at_least', got {counts!r}")
+    if counts is not None and counts not in ("exact", "at_least"):
+        raise ValueError(f"counts must be 'exact', 'at_least' or None, got {counts!r}")
     metadata = metadata or {}
+    if counts is None:
+        counts = counts_for(metadata)
     explicit = metadata.get("checklist")
     if explicit is not None:
         if (
@@ -521,6 +543,23 @@ def build_checklist(
     return items
 
 
+_AT_LEAST_BENCHMARKS: Final = frozenset({"geneval", "geneval-long"})
+
+
+def counts_for(metadata: Mapping[str, Any] | None) -> Literal["exact", "at_least"]:
+    """How a task's ``include`` counts are read when nothing forces it.
+
+    GenEval's official evaluation reads an ``include`` count as a minimum (its ``exclude``
+    entries cap it), so a task of ``geneval`` or ``geneval-long`` (``metadata["benchmark"]``,
+    as :func:`~genagent.evals.load_benchmark` sets it) gets ``"at_least"``; every other task,
+    GenEval++ included, gets ``"exact"``.
+    """
+    benchmark = (metadata or {}).get("benchmark")
+    return (
+        "at_least" if isinstance(benchmark, str) and benchmark in _AT_LEAST_BENCHMARKS else "exact"
+    )
+
+
 class ChecklistJudge(VLMJudge):
     """GenEval++-style checklist judge: yes or no, with a reason, for every constraint.
 
@@ -535,8 +574,10 @@ class ChecklistJudge(VLMJudge):
         policy: The judge model.
         mode: ``"strict"``: 1.0 only when every item passes, else 0.0 (GenEval's rule);
             ``"fraction"``: the share of items that pass.
-        counts: How ``include`` counts are read: ``"exact"`` (GenEval++) or ``"at_least"``
-            (GenEval); see :func:`build_checklist`.
+        counts: How ``include`` counts are read: ``"exact"`` (GenEval++), ``"at_least"``
+            (GenEval), or ``None`` (default): per task, ``"at_least"`` for a ``geneval`` /
+            ``geneval-long`` task and ``"exact"`` otherwise (:func:`counts_for`). The counts
+            used are recorded in ``info["counts"]``. See :func:`build_checklist`.
         retries: Re-asks after an unreadable reply.
         sampling: Sampling settings; default greedy.
         name: The reward's name.
@@ -568,16 +609,17 @@ class ChecklistJudge(VLMJudge):
         policy: Policy,
         *,
         mode: Literal["strict", "fraction"] = "strict",
-        counts: Literal["exact", "at_least"] = "exact",
+        counts: Literal["exact", "at_least"] | None = None,
         retries: int = 1,
         sampling: SamplingParams | None = None,
         name: str | None = None,
     ) -> None:
         if mode not in ("strict", "fraction"):
             raise ConfigurationError(f"mode must be 'strict' or 'fraction', got {mode!r}")
-        if counts not in ("exact", "at_least"):
+        if counts is not None and counts not in ("exact", "at_least"):
             raise ConfigurationError(
-                f"counts must be 'exact' (GenEval++) or 'at_least' (GenEval), got {counts!r}"
+                f"counts must be 'exact' (GenEval++), 'at_least' (GenEval) or None (per task), "
+                f"got {counts!r}"
             )
         super().__init__(policy, retries=retries, sampling=sampling, name=name)
         self.mode = mode
@@ -586,7 +628,8 @@ class ChecklistJudge(VLMJudge):
     def build_query(self, prompt: str, ctx: RewardContext | None) -> JudgeQuery:
         """The checklist question for ``prompt`` (task metadata from ``ctx.task``)."""
         metadata = ctx.task.metadata if ctx is not None and ctx.task is not None else None
-        items = build_checklist(prompt, metadata, counts=self.counts)
+        counts = self.counts if self.counts is not None else counts_for(metadata)
+        items = build_checklist(prompt, metadata, counts=counts)
         statements = "\n".join(f"{k}. {item.statement}" for k, item in enumerate(items, 1))
         example = ", ".join(
             f'{{"id": {k}, "answer": "yes" or "no", "reason": "<one short sentence>"}}'
@@ -628,13 +671,15 @@ class ChecklistJudge(VLMJudge):
                 float(passed_count == len(items)) if mode == "strict" else passed_count / len(items)
             )
             failed = [d["key"] for d in details if not d["passed"]]
-            return JudgeVerdict(score, components, {"items": details, "failed": failed})
+            return JudgeVerdict(
+                score, components, {"items": details, "failed": failed, "counts": counts}
+            )
 
         return JudgeQuery(text=text, format=reply_format, parse=parse)
 
     def describe(self) -> dict[str, Any]:
         """Settings, including the judge model and the instruction's version."""
-        return {**super().describe(), "mode": self.mode, "counts": self.counts}
+        return {**super().describe(), "mode": self.mode, "counts": self.counts or "per-task"}
 
 
 # --------------------------------------------------------------------------- WISE
@@ -970,6 +1015,218 @@ class PairwiseJudge(PairwiseReward):
             f"PairwiseJudge(policy={getattr(self.policy, 'name', self.policy)!r}, swap={self.swap})"
         )
 
+    def against(self, reference: Any = "previous", *, name: str | None = None) -> PairwiseAsReward:
+        """This judge as a pointwise reward (a :class:`PairwiseAsReward`).
+
+        ``PairwiseJudge(policy).against("previous")`` scores an image by the probability that
+        it is better than the run's previous image, so that it can serve as
+        ``Agent(judge=...)``, ``Agent(rewards=...)``, an ``Evaluation`` judge or ``--judge``.
+        """
+        return PairwiseAsReward(self, reference, name=name)
+
+
+# --------------------------------------------------------------------------- pairwise as reward
+
+_RUN_REFERENCES: Final = ("previous", "first")
+
+
+class PairwiseAsReward(Reward):
+    """A pairwise judge used as a pointwise reward: P(the image is better than a reference).
+
+    The score of an image is the pairwise judge's probability that it satisfies the prompt
+    better than the reference image (``PairwiseJudge`` asks in both orders by default), so
+    higher is better and 0.5 means "no better, no worse". The reference is:
+
+    * ``"previous"`` (default): the image the run had before this one, read from
+      ``ctx.trajectory`` and ``ctx.round`` — the image kept after round ``k - 1`` for an image
+      of round ``k``. In ``Agent(candidates=N, judge=...)`` every candidate of a round is
+      compared with the image the run continued from; in ``Agent(rewards=...)`` the final
+      image is compared with the one before it.
+    * ``"first"``: the image kept after the run's first round.
+    * an image (a PIL image, a bound ``ImageRef``, or the path of an image file): a fixed
+      anchor, the same for every image. Use this where the images are scored without their
+      run, as ``genagent eval`` / ``Evaluation`` do.
+
+    When there is nothing to compare with (round 1, or a context without a trajectory) the
+    score is 0.5 and nothing is asked; ``info["compared"]`` is ``False`` with the reason in
+    ``info["note"]``. An image identical to its reference also scores 0.5 unasked. A failed
+    comparison is a recorded failure (score ``None``, the pairwise judge's ``info`` kept).
+    ``info["reference"]`` says which image the score is relative to.
+
+    Args:
+        pairwise: The pairwise judge (a :class:`PairwiseJudge`, or any ``PairwiseReward``).
+        reference: ``"previous"``, ``"first"``, or an image / image file.
+        name: The reward's name (default ``"pairwise"``).
+
+    Raises:
+        ConfigurationError: If ``pairwise`` is not a ``PairwiseReward`` or the reference is
+            none of the above (an unreadable file, an unbound ``ImageRef``).
+
+    Example:
+        ```python
+        from genagent import Agent, ScriptedPolicy
+        from genagent.rewards import PairwiseJudge
+
+        judge = PairwiseJudge(ScriptedPolicy(['{"better": "1"}'], cycle=True)).against("previous")
+        # Agent(tool, policy=..., candidates=4, judge=judge): keeps the candidate most likely to
+        # beat the image the run continued from
+        ```
+    """
+
+    name = "pairwise"
+
+    def __init__(
+        self, pairwise: PairwiseReward, reference: Any = "previous", *, name: str | None = None
+    ) -> None:
+        if not isinstance(pairwise, PairwiseReward):
+            raise ConfigurationError(
+                f"PairwiseAsReward needs a PairwiseReward (e.g. PairwiseJudge(policy)), got "
+                f"{type(pairwise).__name__}"
+            )
+        self.pairwise = pairwise
+        self.reference: str = "image"
+        self._anchor: PILImage.Image | None = None
+        self._anchor_sha256: str | None = None
+        if isinstance(reference, str) and reference in _RUN_REFERENCES:
+            self.reference = reference
+        else:
+            self._anchor, self._anchor_sha256 = _anchor_image(reference)
+        if name is not None:
+            self.name = name
+        self._warned = False
+
+    async def ascore(
+        self, prompt: str, image: PILImage.Image, ctx: RewardContext | None = None
+    ) -> RewardOutput:
+        """P(``image`` is better than the reference), 0.5 when there is nothing to compare."""
+        base: dict[str, Any] = {"judge": type(self.pairwise).__name__}
+        if self._anchor is not None:
+            other: PILImage.Image = self._anchor
+            where: dict[str, Any] = {"kind": "image", "sha256": self._anchor_sha256}
+        else:
+            ref, where, note = _run_reference(self.reference, ctx)
+            if ref is None:
+                if ctx is None or ctx.trajectory is None:
+                    self._warn_once()
+                return RewardOutput(
+                    score=0.5, info={**base, "reference": where, "compared": False, "note": note}
+                )
+            own = ctx.image_ref if ctx is not None else None
+            if own is not None and own.sha256 == ref.sha256:
+                return RewardOutput(
+                    score=0.5,
+                    info={
+                        **base,
+                        "reference": where,
+                        "compared": False,
+                        "note": "the image is its own reference",
+                    },
+                )
+            other = await asyncio.to_thread(ref.open)
+        output = await self.pairwise.acompare(prompt, image, other, ctx)
+        info = {**base, **output.info, "reference": where, "compared": True}
+        if output.prob_a_better is None:
+            return RewardOutput(score=None, info=info)
+        return RewardOutput(
+            score=output.prob_a_better, components={"prob_better": output.prob_a_better}, info=info
+        )
+
+    def _warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "reward %r compares with the run's %s image, but it was called without a "
+                "trajectory (ctx.trajectory): every such image scores 0.5. Give it a fixed "
+                "reference image to score images outside a run (e.g. in an Evaluation).",
+                self.name,
+                self.reference,
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """Settings: the reference, and the pairwise judge's own description."""
+        describe = getattr(self.pairwise, "describe", None)
+        return {
+            **super().describe(),
+            "reference": self.reference
+            if self._anchor is None
+            else {"image_sha256": self._anchor_sha256},
+            "pairwise": describe()
+            if callable(describe)
+            else {"class": type(self.pairwise).__qualname__},
+        }
+
+    async def aclose(self) -> None:
+        """Close the pairwise judge's client (if it has one)."""
+        close = getattr(self.pairwise, "aclose", None)
+        if close is not None and inspect.iscoroutinefunction(close):
+            await close()
+
+    def __repr__(self) -> str:
+        reference = self.reference if self._anchor is None else f"image {self._anchor_sha256}"
+        return f"PairwiseAsReward({self.pairwise!r}, reference={reference!r})"
+
+
+def _anchor_image(reference: Any) -> tuple[PILImage.Image, str]:
+    """A fixed reference image, decoded, and the SHA-256 of its stored encoding."""
+    from PIL import Image as PILImageModule
+
+    if isinstance(reference, ImageRef):
+        if reference.store is None:
+            raise ConfigurationError(
+                "the reference ImageRef is not bound to an image store; pass a PIL image or a "
+                "file path instead"
+            )
+        return reference.open(), reference.sha256
+    if isinstance(reference, (str, os.PathLike)):
+        path = Path(reference)
+        try:
+            with PILImageModule.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"reference must be 'previous', 'first', an image, or the path of an image "
+                f"file; {os.fspath(reference)!r} cannot be read as an image ({exc})"
+            ) from None
+    elif isinstance(reference, PILImageModule.Image):
+        image = reference.copy()
+    else:
+        raise ConfigurationError(
+            "reference must be 'previous', 'first', an image, or the path of an image file, "
+            f"got {type(reference).__name__}"
+        )
+    return image, MemoryImageStore().put(image).sha256
+
+
+def _run_reference(
+    reference: str, ctx: RewardContext | None
+) -> tuple[ImageRef | None, dict[str, Any], str]:
+    """The run's image to compare with: (its reference, where it comes from, why none)."""
+    where: dict[str, Any] = {"kind": reference}
+    trajectory = ctx.trajectory if ctx is not None else None
+    if ctx is None or trajectory is None:
+        return None, where, "no trajectory in the context: nothing to compare with"
+    rounds = trajectory.rounds
+    current = ctx.round
+    if current is None:  # the image's own round, else an image after the last round
+        own = ctx.image_ref.sha256 if ctx.image_ref is not None else None
+        current = next(
+            (
+                r.round
+                for r in rounds
+                if own is not None and own in {c.sha256 for c in r.candidates}
+            ),
+            len(rounds) + 1,
+        )
+    target = 1 if reference == "first" else current - 1
+    where["round"] = current
+    if target < 1 or target >= current:
+        return None, where, f"round {current} has no earlier image to compare with"
+    ref = trajectory.image_after_round(target)
+    if ref is None:
+        return None, where, f"the run has no image after round {target}"
+    where.update(reference_round=target, sha256=ref.sha256)
+    return ref, where, ""
+
 
 # --------------------------------------------------------------------------- parsing
 
@@ -979,10 +1236,18 @@ _FENCE_RE: Final = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _YES: Final = frozenset({"yes", "y", "true", "pass", "passed", "correct", "1", "satisfied", "met"})
 _NO: Final = frozenset({"no", "n", "false", "fail", "failed", "incorrect", "0", "unsatisfied"})
 _LEADING_YES_NO_RE: Final = re.compile(r"^\W*(yes|no|true|false|pass|fail)\b", re.IGNORECASE)
+# every quantifier here is linear: no two adjacent ones can match the same characters
 _NUMBERED_RE: Final = re.compile(
-    r"^\W*(?:item|statement)?\s*(\d+)\s*[.):\]-]?\W*(yes|no|true|false|pass|fail)\b\W*(.*)$",
+    r"^\W*(?:(?:item|statement)\s*)?(\d{1,6})\W*(yes|no|true|false|pass|fail)\b\W*(.*)$",
     re.IGNORECASE,
 )
+_TOKEN_RE: Final = re.compile(r"[{}\[\]\"'\\]")
+_SCAN_STARTS: Final = (48, 16)  # brackets tried: the first 48 and the last 16
+_SCAN_BUDGET: Final = 20_000  # bracket / quote tokens visited by _balanced, in all
+_LOAD_BUDGET: Final = 4 * _MAX_REPLY_CHARS  # characters handed to json.loads, in all
+_LITERAL_MAX: Final = 16_000  # longest text tried as a Python literal (ast is slow)
+_ITEMS_KEYS: Final = ("items", "checklist", "answers", "results", "statements", "verdicts")
+_ANSWER_KEYS: Final = ("answer", "passed", "pass", "verdict", "result", "satisfied", "value", "ok")
 
 
 def _answer_text(reply: str) -> str:
@@ -992,21 +1257,42 @@ def _answer_text(reply: str) -> str:
     return text.strip()[:_MAX_REPLY_CHARS]
 
 
-def _balanced(text: str, limit: int = 64) -> list[str]:
-    """Balanced ``{...}`` and ``[...]`` substrings (strings scanned correctly), in order."""
+def _balanced(text: str, budget: int = _SCAN_BUDGET) -> list[str]:
+    """Balanced ``{...}`` and ``[...]`` substrings (strings scanned correctly), in order.
+
+    The work is bounded whatever the text, so that a hostile reply cannot stall the event
+    loop: the brackets, quotes and backslashes from the first bracket on are listed in one
+    pass (at most ``2 * budget`` of them), only the first and last few brackets are tried as
+    starts, each scan steps from one such token to the next (plain text costs nothing), and
+    the scans stop after ``budget`` tokens in all.
+    """
+    opening = [k for k in (text.find("{"), text.find("[")) if k >= 0]
+    if not opening:
+        return []
+    positions: list[int] = []
+    chars: list[str] = []
+    for match in itertools.islice(_TOKEN_RE.finditer(text, min(opening)), 2 * budget):
+        positions.append(match.start())
+        chars.append(match.group())
+    first, last = _SCAN_STARTS
+    openers = (i for i, ch in enumerate(chars) if ch in "{[")
+    closing = (i for i in range(len(chars) - 1, -1, -1) if chars[i] in "{[")
+    starts = sorted(set(itertools.islice(openers, first)) | set(itertools.islice(closing, last)))
     found: list[str] = []
-    starts = [k for k, ch in enumerate(text) if ch in "{["][:limit]
-    for start in starts:
+    for begin in starts:
         stack: list[str] = []
         quote: str | None = None
-        escaped = False
-        for k in range(start, len(text)):
-            ch = text[k]
+        escaped_at = -1
+        for i in range(begin, len(chars)):
+            budget -= 1
+            if budget < 0:
+                return found
+            ch = chars[i]
             if quote:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
+                if positions[i] == escaped_at:
+                    continue
+                if ch == "\\":
+                    escaped_at = positions[i] + 1
                 elif ch == quote:
                     quote = None
             elif ch in "\"'":
@@ -1017,18 +1303,18 @@ def _balanced(text: str, limit: int = 64) -> list[str]:
                 if not stack or stack.pop() != ch:
                     break
                 if not stack:
-                    found.append(text[start : k + 1])
+                    found.append(text[positions[begin] : positions[i] + 1])
                     break
     return found
 
 
 def _load(text: str) -> Any:
-    """JSON, else a Python literal; ``_FAIL`` when neither."""
+    """JSON, else a (short) Python literal; ``_FAIL`` when neither."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
         pass
-    if text.lstrip()[:1] in ("{", "["):
+    if text.lstrip()[:1] in ("{", "[") and len(text) <= _LITERAL_MAX:
         try:
             return ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -1043,22 +1329,29 @@ def _structured(reply: str) -> Iterator[Any]:
     """Every JSON / Python-literal value in ``reply``.
 
     Tried in order: the whole reply, fenced blocks, then the balanced objects from the last one
-    back (the final answer usually comes last).
+    back (the final answer usually comes last). The characters decoded are bounded in all.
     """
     seen: set[str] = set()
-    candidates = [reply, *(m.group(1).strip() for m in _FENCE_RE.finditer(reply))]
-    candidates.extend(reversed(_balanced(reply)))
+    fences = [block.strip() for block in _FENCE_RE.findall(reply)]
+    first, last = _SCAN_STARTS
+    if len(fences) > first + last:
+        fences = fences[:first] + fences[-last:]
+    candidates = [reply, *fences, *reversed(_balanced(reply))]
+    budget = _LOAD_BUDGET
     for candidate in candidates:
         if not candidate or candidate in seen:
             continue
         seen.add(candidate)
+        budget -= len(candidate)
+        if budget < 0:
+            return
         value = _load(candidate)
         if value is not _FAIL:
             yield value
 
 
 def _norm_key(key: Any) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(key).lower()).strip("_")
+    return re.sub(r"[^a-z0-9]+", "_", str(key)[:200].lower()).strip("_")
 
 
 def _yes_no(value: Any) -> bool | None:
@@ -1081,7 +1374,7 @@ def _yes_no(value: Any) -> bool | None:
 def _entry_answer(entry: Any) -> tuple[bool | None, str]:
     if isinstance(entry, Mapping):
         fields = {_norm_key(k): v for k, v in entry.items()}
-        for key in ("answer", "passed", "pass", "verdict", "result", "satisfied", "value", "ok"):
+        for key in _ANSWER_KEYS:
             if key in fields:
                 reason = fields.get("reason") or fields.get("explanation") or ""
                 return _yes_no(fields[key]), str(reason)
@@ -1089,22 +1382,37 @@ def _entry_answer(entry: Any) -> tuple[bool | None, str]:
     return _yes_no(entry), ""
 
 
+def _item_id(key: Any) -> int | None:
+    """The item number in a key such as ``"1"``, ``"item 2"`` or ``"statement_3"``."""
+    match = re.fullmatch(r"\W*(?:item|statement|q|question)?[\s_#-]*(\d{1,6})\W*", str(key)[:40])
+    return int(match.group(1)) if match else None
+
+
 def _checklist_answers(reply: str, n: int) -> list[tuple[bool, str]]:
-    """The yes/no answers to items 1..n, from JSON or numbered lines."""
-    for value in _structured(reply):
-        answers = _answers_from_value(value, n)
+    """The yes/no answers to items 1..n.
+
+    Read, in order of preference: a JSON object that carries the answers under ``"items"`` (or
+    ``"answers"``, ...), as asked; numbered lines (``1. yes - ...``) that answer every item; a
+    list of answer objects (``[{"answer": "yes"}, ...]``) or an object keyed by item number
+    (``{"1": "yes", ...}``). A bare list of scalars (``["yes", "no"]``, ``[0, 1]``) is never an
+    answer: such lists turn up in prose, and would override what the reply says.
+    """
+    values = list(_structured(reply))
+    for value in values:
+        answers = _explicit_answers(value, n)
         if answers is not None:
             return answers
     lines: dict[int, tuple[bool, str]] = {}
     for line in reply.splitlines():
         match = _NUMBERED_RE.match(line.strip())
         if match:
-            lines[int(match.group(1))] = (
-                match.group(2).lower() in _YES,
-                match.group(3).strip(),
-            )
+            lines[int(match.group(1))] = (match.group(2).lower() in _YES, match.group(3).strip())
     if all(k in lines for k in range(1, n + 1)):
         return [lines[k] for k in range(1, n + 1)]
+    for value in values:
+        answers = _implicit_answers(value, n)
+        if answers is not None:
+            return answers
     missing = [k for k in range(1, n + 1) if k not in lines]
     raise ValueError(
         f"expected a yes/no answer for each of the {n} statements; found no JSON with them and "
@@ -1112,31 +1420,58 @@ def _checklist_answers(reply: str, n: int) -> list[tuple[bool, str]]:
     )
 
 
-def _answers_from_value(value: Any, n: int) -> list[tuple[bool, str]] | None:
-    entries: Any = value
-    if isinstance(value, Mapping):
-        fields = {_norm_key(k): v for k, v in value.items()}
-        for key in ("items", "checklist", "answers", "results", "statements", "verdicts"):
-            if key in fields:
-                entries = fields[key]
-                break
-    by_id: dict[int, tuple[bool | None, str]] = {}
-    if isinstance(entries, Mapping):
-        for key, entry in entries.items():
-            digits = re.sub(r"\D", "", str(key))
-            if digits:
-                by_id[int(digits)] = _entry_answer(entry)
-    elif isinstance(entries, list):
-        for position, entry in enumerate(entries, 1):
-            ident = position
-            if isinstance(entry, Mapping):
-                fields = {_norm_key(k): v for k, v in entry.items()}
-                raw_id = fields.get("id", fields.get("item", fields.get("index", position)))
-                digits = re.sub(r"\D", "", str(raw_id))
-                ident = int(digits) if digits else position
-            by_id[ident] = _entry_answer(entry)
-    else:
+def _explicit_answers(value: Any, n: int) -> list[tuple[bool, str]] | None:
+    """Answers from an object that holds them under ``"items"`` (or a synonym)."""
+    if not isinstance(value, Mapping):
         return None
+    fields = {_norm_key(k): v for k, v in value.items()}
+    for key in _ITEMS_KEYS:
+        if key in fields:
+            entries = fields[key]
+            if isinstance(entries, Mapping):
+                return _keyed_answers(entries, n)
+            if isinstance(entries, list):
+                return _listed_answers(entries, n, scalars=True)
+            return None
+    return None
+
+
+def _implicit_answers(value: Any, n: int) -> list[tuple[bool, str]] | None:
+    """Answers from a list of answer objects, or from an object keyed by item number."""
+    if isinstance(value, list):
+        return _listed_answers(value, n, scalars=False)
+    if isinstance(value, Mapping) and value and all(_item_id(k) is not None for k in value):
+        return _keyed_answers(value, n)
+    return None
+
+
+def _keyed_answers(entries: Mapping[Any, Any], n: int) -> list[tuple[bool, str]] | None:
+    by_id: dict[int, tuple[bool | None, str]] = {}
+    for key, entry in entries.items():
+        ident = _item_id(key)
+        if ident is not None:
+            by_id[ident] = _entry_answer(entry)
+    return _in_order(by_id, n)
+
+
+def _listed_answers(entries: list[Any], n: int, *, scalars: bool) -> list[tuple[bool, str]] | None:
+    by_id: dict[int, tuple[bool | None, str]] = {}
+    for position, entry in enumerate(entries, 1):
+        ident = position
+        if isinstance(entry, Mapping):
+            fields = {_norm_key(k): v for k, v in entry.items()}
+            if not any(key in fields for key in _ANSWER_KEYS):
+                return None
+            raw_id = fields.get("id", fields.get("item", fields.get("index", position)))
+            found = _item_id(raw_id)
+            ident = found if found is not None else position
+        elif not scalars:
+            return None  # a bare list of scalars is not an answer
+        by_id[ident] = _entry_answer(entry)
+    return _in_order(by_id, n)
+
+
+def _in_order(by_id: dict[int, tuple[bool | None, str]], n: int) -> list[tuple[bool, str]] | None:
     if 0 in by_id and n not in by_id:  # numbered from 0
         by_id = {k + 1: v for k, v in by_id.items()}
     out: list[tuple[bool, str]] = []
@@ -1149,18 +1484,22 @@ def _answers_from_value(value: Any, n: int) -> list[tuple[bool, str]] | None:
 
 
 def _int_0_2(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be 0, 1 or 2, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be 0, 1 or 2, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} must be 0, 1 or 2, got {value!r}"[:200]) from None
     if number not in (0.0, 1.0, 2.0):
         raise ValueError(f"{what} must be 0, 1 or 2, got {value!r}")
     return int(number)
 
 
+# "Consistency: 2", "**Realism:** 1", "Aesthetic Quality (0-2) = 0": the name, then ":" or "=",
+# then the number; a mention without the separator ("a Consistency 2 would need ...") is not one
 _WISE_LINE_RE: Final = re.compile(
-    r"(consistency|realism|aesthetic[\s_]*quality|aesthetics?)\**\s*(?:\([^)]*\))?\s*\**\s*"
-    r"[:：=]?\s*\**\s*(-?\d+(?:\.\d+)?)",
+    r"\b(consistency|realism|aesthetic[ \t_]*quality|aesthetics?)[\s*]*(?:\([^)\n]{0,40}\)[\s*]*)?"
+    r"[:：=][\s*]*(-?\d+(?:\.\d+)?)",
     re.IGNORECASE,
 )
 
@@ -1177,9 +1516,11 @@ def _parse_wiscore(reply: str) -> JudgeVerdict:
                 scores = {k: fields[k] for k in _WISE_KEYS}
                 break
     if not scores:
-        for match in _WISE_LINE_RE.finditer(reply):  # the last mention of each wins
+        for match in _WISE_LINE_RE.finditer(reply):  # the first line for each score wins
             key = _norm_key(match.group(1))
-            scores["aesthetic_quality" if key.startswith("aesthetic") else key] = match.group(2)
+            scores.setdefault(
+                "aesthetic_quality" if key.startswith("aesthetic") else key, match.group(2)
+            )
     missing = [k for k in _WISE_KEYS if k not in scores]
     if missing:
         raise ValueError(f"no score for {', '.join(missing)}")
@@ -1191,7 +1532,7 @@ def _parse_wiscore(reply: str) -> JudgeVerdict:
 
 
 _VERDICT_LINE_RE: Final = re.compile(
-    r"(?:score|verdict|answer|verified|correct)\W{0,4}?\s*[:=]\s*\**\s*(0|1|yes|no|true|false)\b",
+    r"(?:score|verdict|answer|verified|correct)[^\w:=]{0,4}[:=][\s*]*(0|1|yes|no|true|false)\b",
     re.IGNORECASE,
 )
 
@@ -1219,7 +1560,9 @@ def _parse_verified(reply: str) -> JudgeVerdict:
 
 
 _RATING_RE: Final = re.compile(
-    r"(?:score|rating)\W{0,4}?\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?", re.IGNORECASE
+    r"(?:score|rating)[^\w:=]{0,4}[:=][\s*]*(-?\d{1,12}(?:\.\d{1,12})?)"
+    r"(?:[ \t]*/[ \t]*(\d{1,12}))?",
+    re.IGNORECASE,
 )
 
 
@@ -1227,15 +1570,17 @@ def _rating_value(value: Any, low: int, high: int) -> float:
     if isinstance(value, bool):
         raise ValueError(f"the score must be a number from {low} to {high}, got {value!r}")
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+))?\s*", value)
+        match = re.fullmatch(r"\s*(-?\d{1,12}(?:\.\d{1,12})?)\s*(?:/\s*(\d{1,12}))?\s*", value)
         if not match or (match.group(2) is not None and int(match.group(2)) != high):
-            raise ValueError(f"the score must be a number from {low} to {high}, got {value!r}")
+            raise ValueError(
+                f"the score must be a number from {low} to {high}, got {value!r}"[:200]
+            )
         value = match.group(1)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(
-            f"the score must be a number from {low} to {high}, got {value!r}"
+            f"the score must be a number from {low} to {high}, got {value!r}"[:200]
         ) from None
     if not math.isfinite(number) or not low <= number <= high:
         raise ValueError(f"the score must be a number from {low} to {high}, got {value!r}")
@@ -1265,7 +1610,7 @@ _FIRST: Final = frozenset({"1", "image1", "image_1", "first", "a", "imagea", "im
 _SECOND: Final = frozenset({"2", "image2", "image_2", "second", "b", "imageb", "image_b", "two"})
 _TIE: Final = frozenset({"tie", "equal", "same", "both", "neither", "none", "0", "draw", "0_5"})
 _PREFERENCE_RE: Final = re.compile(
-    r"(?:better|winner|choice|preferred|preference|answer)\W{0,4}?\s*[:=]\s*\**\s*"
+    r"(?:better|winner|choice|preferred|preference|answer)[^\w:=]{0,4}[:=][\s*]*"
     r"(image\s*[12ab]|[12]|tie|equal|first|second)\b",
     re.IGNORECASE,
 )
@@ -1275,7 +1620,10 @@ def _preference(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        value = {1: "1", 2: "2", 0: "tie"}.get(int(value), "") if value == int(value) else ""
+        # never int(value): JSON's Infinity, NaN and 1e999 are floats that int() rejects
+        finite = not isinstance(value, float) or math.isfinite(value)
+        labels: dict[float, str] = {1: "1", 2: "2", 0: "tie"}
+        value = labels.get(value, "") if finite else ""
     if not isinstance(value, str):
         return None
     word = _norm_key(value)

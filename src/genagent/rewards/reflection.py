@@ -71,6 +71,32 @@ _NOT_DONE_RES: Final = (
         r"round|regeneration|try|change|correction)",
         re.IGNORECASE,
     ),
+    # a failed check: "[fail] the cup is not blue", "[wrong] ...", "[missing] ..." ("[x]" is
+    # left out: in Markdown it is a ticked box)
+    re.compile(
+        r"\[\s*(?:fail(?:ed|s|ure)?|wrong|incorrect|missing|no|\u2717|\u2718|\u274c)\s*\]",
+        re.IGNORECASE,
+    ),
+    # "the image fails to show two cups", "it does not depict ..." (not "does not show any":
+    # that is how an absence the prompt asks for is confirmed)
+    re.compile(
+        _SUBJECT + r"\s+(?:still\s+)?(?:fails?\s+to|failed\s+to|does\s+not|doesn't|did\s+not|"
+        r"didn't)\s+(?:yet\s+|clearly\s+|fully\s+|correctly\s+)?(?:show|depict|display|render|"
+        r"portray)\b(?!\s+any\b)",
+        re.IGNORECASE,
+    ),
+    re.compile(
+        _SUBJECT + r"\s+(?:still\s+)?(?:fails?\s+to|failed\s+to)\s+(?:contain|include|have|"
+        r"capture)\b",
+        re.IGNORECASE,
+    ),
+    # "the image is not quite right", "it is still not correct"
+    re.compile(
+        _SUBJECT + r"\s+(?:is|was)\s+(?:still\s+)?not\s+(?:yet\s+)?(?:quite\s+|fully\s+|"
+        r"entirely\s+|completely\s+)?(?:correct|right|acceptable|accurate|complete|done|finished|"
+        r"satisfactory|good\s+enough|faithful|what)\b",
+        re.IGNORECASE,
+    ),
 )
 _DONE_RES: Final = (
     re.compile(
@@ -105,6 +131,39 @@ _SAME_RES: Final = (
         re.IGNORECASE,
     ),
     re.compile(r"\bno\s+(?:effect|difference)\b", re.IGNORECASE),
+)
+# phrases that mention improvement without saying the image changed: masked before the change
+# rules ("the colour needs improvement", "could be better", "no improvement is needed")
+_NEUTRAL_CHANGE_RES: Final = (
+    re.compile(
+        r"\b(?:needs?|needed|requires?|required|could\s+use|calls?\s+for|room\s+for)\s+"
+        r"(?:some\s+|more\s+|further\s+|an?\s+|significant\s+)?improvements?\b",
+        re.IGNORECASE,
+    ),
+    re.compile(r"\b(?:needs?|requires?)\s+(?:to\s+be\s+)?improv(?:ed|ing)\b", re.IGNORECASE),
+    re.compile(
+        r"\b(?:could|can|should|might|would|must)\s+(?:still\s+)?(?:be\s+)?(?:further\s+|even\s+|"
+        r"much\s+|a\s+lot\s+)?(?:improved|better)\b",
+        re.IGNORECASE,
+    ),
+    re.compile(
+        r"\bno\s+(?:further\s+|more\s+)?improvements?\s+(?:is\s+|are\s+)?(?:needed|necessary|"
+        r"required)\b",
+        re.IGNORECASE,
+    ),
+)
+# "the previous image was better" says this one is worse (and "... was worse": better)
+_PREVIOUS: Final = (
+    r"\b(?:previous|earlier|last|prior|former|original|old|first)(?:\s+(?:image|one|version|"
+    r"attempt|result|picture|output|generation|round|edit))?\s+(?:was|is|looked|looks|seemed|"
+    r"seems|had\s+been)\s+(?:much\s+|slightly\s+|a\s+bit\s+|a\s+little\s+|far\s+|clearly\s+|"
+    r"definitely\s+|somewhat\s+)?"
+)
+_PREVIOUS_BETTER_RES: Final = (
+    re.compile(_PREVIOUS + r"(?:better|more\s+accurate|closer)\b", re.IGNORECASE),
+)
+_PREVIOUS_WORSE_RES: Final = (
+    re.compile(_PREVIOUS + r"(?:worse|less\s+accurate)\b", re.IGNORECASE),
 )
 _WORSE_RES: Final = (
     re.compile(r"\b(?:worse|regress\w*|degrad\w*|deteriorat\w*|less\s+accurate)\b", re.IGNORECASE),
@@ -150,14 +209,21 @@ def read_judgment(judgment: str | None) -> tuple[bool | None, Change | None]:
     and negated phrases are read first so that "does not satisfy" never reads as "satisfies"):
 
     * not done: "the image does not satisfy / meet / match / fulfil the request", "the
-      requirements are not met", "not yet done / complete", "needs another edit / attempt";
+      requirements are not met", "not yet done / complete", "needs another edit / attempt",
+      "the image fails to show / does not show ...", "the image is not (quite) right /
+      correct", a failed check marked "[fail]", "[wrong]", "[incorrect]", "[missing]" or "[no]";
     * done: "the image satisfies / meets / matches / fulfils the request (prompt, requirements,
       ...)", "all requirements are met", "no further changes are needed", "everything is
       correct";
     * same: "no better", "not worse", "no improvement", "unchanged", "same as before", "the edit
       did not help / change / fix";
-    * worse: "worse", "regressed", "degraded", "less accurate", "new errors";
-    * better: "better", "improved", "closer to", "more accurate", "now correct", "is now fixed".
+    * worse: "worse", "regressed", "degraded", "less accurate", "new errors", "the previous
+      (earlier, last, first, original) image was better";
+    * better: "better", "improved", "closer to", "more accurate", "now correct", "is now fixed",
+      "the previous image was worse".
+
+    Phrases that ask for improvement without saying the image changed ("the colour needs
+    improvement", "could be better", "no improvement is needed") say nothing about the change.
 
     Args:
         judgment: The text of the ``<judge>`` block.
@@ -176,8 +242,16 @@ def read_judgment(judgment: str | None) -> tuple[bool | None, Change | None]:
     if not judgment:
         return None, None
     done = _classify(judgment, [(False, _NOT_DONE_RES), (True, _DONE_RES)])
+    neutral = _last_match(judgment, _NEUTRAL_CHANGE_RES)
     change = _classify(
-        judgment, [("same", _SAME_RES), ("worse", _WORSE_RES), ("better", _BETTER_RES)]
+        neutral[1] if neutral is not None else judgment,
+        [
+            ("worse", _PREVIOUS_BETTER_RES),
+            ("better", _PREVIOUS_WORSE_RES),
+            ("same", _SAME_RES),
+            ("worse", _WORSE_RES),
+            ("better", _BETTER_RES),
+        ],
     )
     return done, change
 
