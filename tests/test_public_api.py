@@ -77,6 +77,17 @@ PUBLIC = {
         "ATTENTION_NAME", "attention_forward", "enable_fused_attention", "fused_attention_mask",
         "register", "reset_stats", "stats",
     ],
+    "genagent.training": [
+        "FormatPenalties", "GroupAdvantages", "IMAGES_DIR", "LoRAConfig", "MicroBatch", "RLConfig",
+        "RLResult", "RLReward", "RLRewardConfig", "RLRewardOutput", "RLStepResult", "RLTrainer",
+        "ResampleConfig", "RewardWeights", "RolloutGroup", "SFTConfig", "SFTFilter", "SFTResult",
+        "SFTTrainer", "TokenRow", "TrainConfig", "branch_points", "branch_run",
+        "broadcast_advantages", "build_rows", "choose_branches", "collate", "combine_rewards",
+        "export_trl", "export_verl", "format_penalties", "group_advantages", "group_has_signal",
+        "mask_prefix", "pack", "policy_loss", "read_jsonl_rows", "resample_decision", "rl_step",
+        "rollout_groups", "rope_position_ids", "rows_from_messages", "rows_from_trajectory",
+        "token_logprobs",
+    ],
     "genagent.sim": [
         "BASE_ERROR", "CATEGORIES", "EDIT_SUCCESS", "EXPLICIT_FACTOR", "RECORD_KEY",
         "CheckResult", "Constraint", "DrawnObject", "ErrorModel", "HeuristicPolicy", "ObjectSpec",

@@ -1,4 +1,4 @@
-"""The ``genagent`` command line: ``demo``, ``run``, ``list``, ``version``.
+"""The ``genagent`` command line: ``demo``, ``run``, ``eval``, ``train``, ``list``, ``version``.
 
 Tools and policies are chosen by registry name (``--tool scene``, ``--policy heuristic``);
 later releases and third-party packages add names through the registries in
@@ -362,6 +362,98 @@ def serve(
 
 
 app.command("eval")(_friendly_errors(eval_command))
+
+train_app = typer.Typer(
+    name="train",
+    help="Fine-tune a policy: supervised fine-tuning (sft) and agentic RL (rl).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(train_app, name="train")
+
+
+def _training_log_to_stderr() -> None:
+    import logging
+
+    training_logger = logging.getLogger("genagent.training")
+    if not training_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        training_logger.addHandler(handler)
+    training_logger.setLevel(logging.INFO)
+
+
+@train_app.command("sft")
+@_friendly_errors
+def train_sft(
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="A .toml, .yaml or .json SFT configuration."),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a configuration value (repeatable; dotted keys: lora.r=8).",
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="A checkpoint folder, or 'latest', to resume from."),
+    ] = None,
+) -> None:
+    """Supervised fine-tuning (assistant-only loss) of the model in CONFIG."""
+    from genagent.training.config import SFTConfig
+    from genagent.training.sft import SFTTrainer
+
+    _training_log_to_stderr()
+    sft_config = SFTConfig.from_file(config, set_ or [])
+    result = SFTTrainer(sft_config, resume_from=resume).train()
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    console.print(
+        f"trained {result.steps} steps (last loss {last:.4f}); saved to {result.final_dir}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@train_app.command("rl")
+@_friendly_errors
+def train_rl(
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="A .toml, .yaml or .json RL configuration."),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a configuration value (repeatable; dotted keys: reward.no_answer=0.5).",
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="A checkpoint folder, or 'latest', to resume from."),
+    ] = None,
+) -> None:
+    """Agentic RL (multi-turn GRPO with resampling and branching) of the model in CONFIG."""
+    from genagent.training.rl import RLConfig, RLTrainer
+
+    _training_log_to_stderr()
+    rl_config = RLConfig.from_file(config, set_ or [])
+    result = RLTrainer(rl_config, resume_from=resume).train()
+    last = result.history[-1] if result.history else {}
+    console.print(
+        f"trained {result.steps} RL steps (last reward mean "
+        f"{last.get('reward_mean', float('nan')):.4f}); saved to {result.final_dir}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
