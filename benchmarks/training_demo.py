@@ -349,9 +349,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reward=reward,
         tasks=train_tasks,
         policy_kwargs={"max_batch_size": s["rl_tasks_per_step"] * s["rl_group"]},
+        # as in the evaluation: the compact prompt, and an unusable reply ends the run
+        agent_kwargs={"protocol": CompactProtocol(), "max_retries": 0},
     )
-    trainer.agent.protocol = CompactProtocol()
-    trainer.agent.max_retries = 0  # as in the evaluation: an unusable reply ends the run
     rl_result = trainer.train()
     rl_dir = rl_result.final_dir / "model"
     timings["rl_train_s"] = time.perf_counter() - t0

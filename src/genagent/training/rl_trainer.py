@@ -72,6 +72,8 @@ class RLTrainer(Trainer):
         tasks: Training tasks (default: from ``config``).
         policy_kwargs: Extra arguments of the rollout ``TransformersPolicy`` (e.g.
             ``logits_processors``, ``max_batch_size``).
+        agent_kwargs: Extra arguments of the rollout ``Agent`` (``protocol``, ``max_retries``,
+            ``hooks``, ...); they override the configuration's.
         resume_from: A checkpoint folder, ``"latest"``, or ``None``.
     """
 
@@ -85,6 +87,7 @@ class RLTrainer(Trainer):
         reward: RLReward | None = None,
         tasks: Sequence[str | Task] | None = None,
         policy_kwargs: Mapping[str, Any] | None = None,
+        agent_kwargs: Mapping[str, Any] | None = None,
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(config, resume_from=resume_from)
@@ -109,16 +112,16 @@ class RLTrainer(Trainer):
             from genagent.sim import scene_tools
 
             tools = scene_tools()
-        self.agent = Agent(
-            tools=list(tools),
-            policy=self.policy,
-            max_rounds=config.max_rounds,
-            sampling=SamplingParams(
+        agent_options: dict[str, Any] = {
+            "max_rounds": config.max_rounds,
+            "sampling": SamplingParams(
                 temperature=config.temperature,
                 top_p=config.top_p,
                 max_new_tokens=config.max_new_tokens,
             ),
-        )
+            **dict(agent_kwargs or {}),  # protocol=, max_retries=, hooks=, ...
+        }
+        self.agent = Agent(tools=list(tools), policy=self.policy, **agent_options)
         self._step_metrics: dict[str, float] = {}
         self._ref_model: Any = None
         if config.kl_coef > 0 and config.lora is None:
