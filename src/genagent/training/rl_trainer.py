@@ -235,10 +235,13 @@ class RLTrainer(Trainer):
                 "rollout_s": round(time.perf_counter() - started, 4),
             }
             self._step_metrics = {}
-            if rows:
-                batches = pack(rows, config.max_tokens, processor=self.processor)
+            # decided over all processes: a rank without rows still joins the step's
+            # collectives (with no micro-batches), or the others would wait for it forever
+            local_rows = torch.tensor(float(len(rows)), device=self.runtime.device)
+            if float(self.runtime.sum(local_rows).item()) > 0:
+                batches = pack(rows, config.max_tokens, processor=self.processor) if rows else []
                 result = self.train_step(batches)
-            else:  # no group had signal: nothing to learn from; the step still counts
+            else:  # no group had signal anywhere: nothing to learn from; the step still counts
                 self.state.step += 1
                 result = StepResult(loss=0.0, tokens=0)
             self.policy.close()  # drop key/value caches computed with the old weights
