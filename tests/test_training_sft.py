@@ -420,3 +420,13 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "unknown key 'epochz'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_trainer_without_a_loss_is_refused_when_it_is_defined() -> None:
+    from genagent.errors import ConfigurationError
+    from genagent.training._common import Trainer
+
+    with pytest.raises(ConfigurationError, match="implement `def loss"):
+
+        class NoLoss(Trainer):
+            pass

@@ -272,7 +272,7 @@ class VLMJudge(Reward, abstract=True):
             ValueError: If the task cannot be judged (e.g. malformed metadata); the score is
                 then a recorded failure.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement build_query")
+        raise ConfigurationError(f"{type(self).__name__} must implement build_query")
 
     async def ascore(
         self, prompt: str, image: PILImage.Image, ctx: RewardContext | None = None

@@ -590,7 +590,17 @@ class Trainer:
 
     config: TrainConfig
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.loss is Trainer.loss:  # caught when the class is defined, not mid-training
+            raise ConfigurationError(
+                f"trainer class {cls.__qualname__}: implement `def loss(self, model, batch) -> "
+                "(summed loss, trained tokens)`"
+            )
+
     def __init__(self, config: TrainConfig, *, resume_from: str | os.PathLike[str] | None = None):
+        if type(self) is Trainer:
+            raise ConfigurationError("Trainer is a base class: use SFTTrainer or RLTrainer")
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.runtime = Runtime(config)
@@ -666,8 +676,11 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed loss of one micro-batch and its number of trained tokens."""
-        raise NotImplementedError
+        """The summed loss of one micro-batch and its number of trained tokens.
+
+        Every subclass defines it (checked when the subclass is defined); the base never runs.
+        """
+        raise ConfigurationError(f"{type(self).__name__} defines no loss")
 
     def compute_gradients(self, micro_batches: Sequence[Any]) -> StepResult:
         """Forward and backward over the micro-batches of one step, accumulating gradients.
