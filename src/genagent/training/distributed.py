@@ -13,7 +13,8 @@ the trainers (and user code) need around that:
 * :func:`all_reduce_sum`, :func:`all_reduce_mean` and :func:`all_reduce_gradients`: reductions
   that are the identity in one process;
 * :func:`sync_lora_to_vllm`: ask a vLLM server to (re)load a saved LoRA adapter, so rollouts
-  served by vLLM use the weights of the latest update.
+  served by vLLM use the weights of the latest update (what ``RLTrainer`` does with
+  ``rollout.backend = "vllm"``).
 
 Everything here is the identity, or a plain local computation, when ``torch.distributed`` is
 not initialised; importing the module does not import torch.
@@ -27,7 +28,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from genagent.errors import ConfigurationError
+from genagent.errors import ConfigurationError, GenAgentError
 
 if TYPE_CHECKING:
     import torch
@@ -286,7 +287,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], *, mean: bool
 # --------------------------------------------------------------------------- vLLM
 
 
-class VLLMSyncError(RuntimeError):
+class VLLMSyncError(GenAgentError, RuntimeError):
     """A vLLM server did not (re)load the adapter; the message says what it answered."""
 
 
@@ -316,6 +317,8 @@ def sync_lora_to_vllm(
     and must be able to read ``adapter_dir`` (a shared or local file system): vLLM loads the
     files itself. Save a fresh folder per update (the trainer's saves are atomic renames),
     call this from the main process only, and start the next rollouts after it returns.
+    :class:`~genagent.training.rl_trainer.RLTrainer` does all of this when
+    ``rollout.backend = "vllm"``.
 
     Args:
         adapter_dir: A folder written by peft's ``save_pretrained``
@@ -354,7 +357,7 @@ def sync_lora_to_vllm(
                 logger.info("vLLM at %s did not replace %r in place; reloading it", root, name)
                 gone = client.post(f"{root}/v1/unload_lora_adapter", json={"lora_name": name})
                 if gone.status_code >= 400:
-                    raise VLLMSyncError(_refusal("unload_lora_adapter", gone))
+                    raise VLLMSyncError(_refusal(f"{root}/v1/unload_lora_adapter", gone))
                 reply = client.post(
                     f"{root}/v1/load_lora_adapter",
                     json={"lora_name": name, "lora_path": str(folder)},
@@ -362,7 +365,7 @@ def sync_lora_to_vllm(
     except httpx.HTTPError as exc:
         raise VLLMSyncError(f"cannot reach the vLLM server at {root}: {exc}") from exc
     if reply.status_code >= 400:
-        raise VLLMSyncError(_refusal("load_lora_adapter", reply))
+        raise VLLMSyncError(_refusal(f"{root}/v1/load_lora_adapter", reply))
     logger.info("vLLM at %s serves adapter %r from %s", root, name, folder)
 
 
@@ -372,4 +375,8 @@ def _refusal(endpoint: str, reply: Any) -> str:
         hint = (
             " (is the server started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True?)"
         )
-    return f"vLLM {endpoint} answered {reply.status_code}: {reply.text[:500]}{hint}"
+    elif reply.status_code in (401, 403):
+        hint = " (the server wants its --api-key as a bearer token: pass api_key=...)"
+    elif "max_lora_rank" in reply.text or "max-lora-rank" in reply.text:
+        hint = " (start the server with --max-lora-rank at least the adapter's rank)"
+    return f"POST {endpoint} answered {reply.status_code}: {reply.text[:500]}{hint}"

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from genagent.errors import ConfigurationError, RunError
 from genagent.tasks import Task
 from genagent.training.advantages import GroupAdvantages, broadcast_advantages, group_advantages
-from genagent.training.config import TrainConfig
+from genagent.training.config import LoRAConfig, TrainConfig, _relative
 from genagent.training.resample import (
     ResampleConfig,
     branch_run,
@@ -57,6 +57,7 @@ __all__ = [
     "RLRewardConfig",
     "RLStepResult",
     "RLTrainer",
+    "RolloutConfig",
     "RolloutGroup",
     "build_rows",
     "config_tasks",
@@ -693,6 +694,69 @@ class RLRewardConfig(BaseModel):
         )
 
 
+class RolloutConfig(BaseModel):
+    """Who serves the rollouts of :class:`RLTrainer`: the model in process, or a vLLM server.
+
+    With ``backend="vllm"`` the rollouts are requests to an OpenAI-compatible vLLM server that
+    serves the base model with the trained LoRA adapter under ``adapter_name``; the trainer
+    saves the adapter and has the server load it before the first rollouts (also after a
+    resume) and after every ``sync_every`` optimizer steps (and the last one). Only LoRA can be
+    pushed to vLLM over HTTP: full fine-tuning needs a collective weight broadcast into the
+    engine (verl, OpenRLHF), which genagent does not implement.
+
+    Attributes:
+        backend: ``"local"`` (a ``TransformersPolicy`` wrapping the model under training) or
+            ``"vllm"``.
+        base_url: The vLLM server, ``http://host:8000`` (``/v1`` is accepted).
+        adapter_name: The adapter's name on the server (the ``model`` of rollout requests).
+        api_key_env: The name of the environment variable that holds the server's API key
+            (vLLM's ``--api-key``); the key itself is never stored, logged or saved.
+        sync_every: Optimizer steps between syncs.
+        timeout_s: Read timeout of one rollout request, and of one adapter load.
+        adapter_dir: Where the adapters are saved for the server (``step-N`` folders; default
+            ``output_dir/rollout-adapters``). The server must read them at the same path.
+        keep_adapters: Adapter folders kept (older ones are deleted).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backend: Literal["local", "vllm"] = "local"
+    base_url: str | None = None
+    adapter_name: str = Field("policy", min_length=1)
+    api_key_env: str | None = None
+    sync_every: int = Field(1, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    adapter_dir: Path | None = None
+    keep_adapters: int = Field(2, ge=1)
+
+    @field_validator("adapter_dir", mode="before")
+    @classmethod
+    def _adapter_dir_relative_to_file(cls, value: Any, info: ValidationInfo) -> Any:
+        return _relative(value, info)
+
+
+def _check_rollout(rollout: RolloutConfig, lora: LoRAConfig | None) -> None:
+    """Refuse rollout settings that cannot work (``RLConfig`` and ``RLTrainer`` call it).
+
+    Raises:
+        ConfigurationError: For ``backend="vllm"`` without ``base_url``, or without LoRA.
+    """
+    if rollout.backend != "vllm":
+        return
+    if not rollout.base_url:
+        raise ConfigurationError(
+            "rollout.backend = 'vllm' needs rollout.base_url, the vLLM server's address "
+            "(e.g. 'http://localhost:8000')"
+        )
+    if lora is None:
+        raise ConfigurationError(
+            "rollout.backend = 'vllm' needs LoRA (set `lora`): genagent pushes the trained "
+            "weights to vLLM as a LoRA adapter over HTTP, and a full fine-tune cannot be sent "
+            "that way. Train a LoRA adapter, or use rollout.backend = 'local', or a framework "
+            "that broadcasts full weights into the engine (verl, OpenRLHF)"
+        )
+
+
 class RLConfig(TrainConfig):
     """Agentic RL (multi-turn GRPO with resampling and branching); see ``docs/training.md``.
 
@@ -722,6 +786,8 @@ class RLConfig(TrainConfig):
             distribution).
         concurrency: Agent runs in flight.
         reward: The reward.
+        rollout: Who serves the rollouts (the model in process, or a vLLM server with weight
+            syncs); see :class:`RolloutConfig`.
     """
 
     prompts: list[str] = Field(default_factory=list)
@@ -746,6 +812,14 @@ class RLConfig(TrainConfig):
     top_p: float | None = Field(None, gt=0, le=1)
     concurrency: int = Field(8, ge=1)
     reward: RLRewardConfig = Field(default_factory=RLRewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @field_validator("rollout")
+    @classmethod
+    def _rollout_can_work(cls, value: RolloutConfig, info: ValidationInfo) -> RolloutConfig:
+        if "lora" in info.data:  # else `lora` itself was invalid, and that error is reported
+            _check_rollout(value, info.data["lora"])
+        return value
 
     @property
     def resample(self) -> ResampleConfig:
