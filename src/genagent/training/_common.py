@@ -342,11 +342,37 @@ class Runtime:
             return "NO"
         return str(getattr(self.accelerator.distributed_type, "value", "NO"))
 
+    @property
+    def is_fsdp(self) -> bool:
+        """Whether the parameters are sharded over the processes (FSDP1 or FSDP2)."""
+        return self.distributed_type == "FSDP" and self.num_processes > 1
+
+    @property
+    def is_fsdp2(self) -> bool:
+        """Whether accelerate shards with FSDP2 (``fully_shard``)."""
+        return self.is_fsdp and bool(getattr(self.accelerator, "is_fsdp2", False))
+
     def prepare_model(self, model: Any) -> Any:
-        """Move (and, when distributed, wrap) the model."""
+        """Move (and, when distributed, wrap) the model.
+
+        Under FSDP2 the model is sharded later, together with its optimizer (:meth:`prepare`),
+        as accelerate requires.
+        """
         if self.accelerator is None:
             return model.to(self.device)
+        if self.is_fsdp2:
+            return model
         return self.accelerator.prepare_model(model)
+
+    def prepare(self, model: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """The model (given to :meth:`prepare_model` before) and its optimizer, both prepared.
+
+        Under FSDP2 accelerate shards the model here and points the optimizer at the shards.
+        """
+        if self.is_fsdp2:
+            prepared_model, prepared_optimizer = self.accelerator.prepare(model, optimizer)
+            return prepared_model, prepared_optimizer
+        return model, self.prepare_optimizer(optimizer)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
         """Wrap the optimizer (loss scaling for fp16)."""
@@ -359,19 +385,24 @@ class Runtime:
         return model if self.accelerator is None else self.accelerator.unwrap_model(model)
 
     def bare_model(self, model: Any) -> Any:
-        """The transformers model inside distributed and peft wrappers (LoRA layers stay in it).
+        """The model to give :func:`~genagent.training.data.token_logprobs`.
 
-        :func:`~genagent.training.data.token_logprobs` calls the model's parts (vision tower,
-        language model, head) directly, so it gets this model; gradients are then averaged
-        over processes by :meth:`sync_gradients`, not by DDP's forward hooks.
+        It calls the model's parts (vision tower, language model, head) directly. Without
+        sharding that is the transformers model inside the distributed and peft wrappers (LoRA
+        layers stay in it), and gradients are averaged over processes by
+        :meth:`sync_gradients`, not by DDP's forward hooks. Under FSDP it is the wrapped model
+        itself: ``token_logprobs`` calls the parts from inside its forward, where the
+        parameters are gathered and the gradients reduce-scattered by FSDP's hooks.
         """
+        if self.is_fsdp:
+            return model
         bare = self.unwrap(model)
         get_base = getattr(bare, "get_base_model", None)
         return get_base() if callable(get_base) else bare
 
     def sync_gradients(self, model: Any) -> None:
         """Average the gradients over the processes (once per optimizer step)."""
-        if self.num_processes == 1:
+        if self.num_processes == 1 or self.is_fsdp:  # FSDP reduce-scatters in the backward
             return
         from genagent.training.distributed import all_reduce_gradients
 
@@ -388,8 +419,8 @@ class Runtime:
         return contextlib.nullcontext()
 
     def no_sync(self, model: Any, skip: bool) -> contextlib.AbstractContextManager[Any]:
-        """Skip DDP's gradient all-reduce (every micro-batch but the step's last)."""
-        if skip and self.accelerator is not None and self.num_processes > 1:
+        """Skip DDP's gradient all-reduce (not FSDP's reduce-scatter: it keeps shards)."""
+        if skip and self.accelerator is not None and self.num_processes > 1 and not self.is_fsdp:
             return self.accelerator.no_sync(model)  # type: ignore[no-any-return]
         return contextlib.nullcontext()
 
@@ -402,7 +433,10 @@ class Runtime:
 
     def clip_grad_norm(self, model: Any, max_norm: float | None) -> float:
         """Clip (when ``max_norm`` is set) and return the gradient norm before clipping."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        if self.is_fsdp:  # accelerate's FSDP path (the norm over every shard) wants them all
+            params = list(model.parameters())
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
         limit = max_norm if max_norm is not None else float("inf")
         if self.accelerator is not None:
             norm = self.accelerator.clip_grad_norm_(params, limit)
@@ -426,6 +460,46 @@ class Runtime:
         if self.accelerator is not None and self.distributed_type == "FSDP":
             return self.accelerator.get_state_dict(model)  # type: ignore[no-any-return]
         return None
+
+    def optimizer_state_dict(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's whole state, for the main process to save.
+
+        Under FSDP each process holds the state of its parameter shards: every process must
+        call this (a collective), and the state is gathered, keyed by parameter names.
+        """
+        if not self.is_fsdp:
+            return optimizer.state_dict()  # type: ignore[no-any-return]
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=options)
+
+    def load_optimizer_state(self, model: Any, optimizer: Any, path: Path) -> None:
+        """Load what :meth:`optimizer_state_dict` saved (a collective under FSDP)."""
+        if not self.is_fsdp:
+            optimizer.load_state_dict(
+                torch.load(path, map_location=self.device, weights_only=False)
+            )
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        # every process reads the file: the whole state is in it, and each keeps its shards
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(
+            model, _inner_optimizer(optimizer), optim_state_dict=state, options=options
+        )
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -607,8 +681,12 @@ class Trainer:
         self.state = TrainState()
         target = resume_from if resume_from is not None else config.resume_from
         self.resumed_from = self._find_resume(target)
-        seed_everything(config.seed + self.runtime.process_index)
+        # the same seed on every process while the model is built: new weights (LoRA's) must
+        # agree, as FSDP keeps each process's own shard of them; then a seed per process
+        seed_everything(config.seed)
         self.model, self.processor = self._load_model()
+        if self.runtime.process_index:
+            seed_everything(config.seed + self.runtime.process_index)
         self.optimizer: Any = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.total_steps = 0
@@ -664,7 +742,7 @@ class Trainer:
         self.total_steps = total_steps
         optimizer = build_optimizer(self.model, self.config)
         self.scheduler = build_scheduler(optimizer, self.config, total_steps)
-        self.optimizer = self.runtime.prepare_optimizer(optimizer)
+        self.model, self.optimizer = self.runtime.prepare(self.model, optimizer)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
         self._metrics = MetricsLogger(
@@ -694,20 +772,37 @@ class Trainer:
         counts = [self.count_tokens(b) for b in micro_batches]
         local = torch.tensor(float(sum(counts)), device=runtime.device)
         total = float(runtime.sum(local).item())
-        # DDP averages gradients over processes: scale back up to a sum over all tokens
+        # DDP and FSDP average gradients over processes: scale back up to a sum over all tokens
         scale = runtime.num_processes / max(total, 1.0)
         loss_sum = torch.zeros((), device=runtime.device)
-        for batch in micro_batches:
+        for batch, weight in (
+            _fsdp_schedule(list(micro_batches))
+            if runtime.is_fsdp
+            else ((b, 1.0) for b in micro_batches)
+        ):
             # no DDP all-reduce per micro-batch: the loss runs on the bare model, and
             # sync_gradients averages once per step
+            stats = self._loss_stats() if weight == 0.0 else None
             with runtime.no_sync(self.model, skip=True):
                 with runtime.autocast():
                     summed, _ = self.loss(self.model, batch)
-                runtime.backward(summed.float() * scale)
+                runtime.backward(summed.float() * (scale * weight))
+            if stats is not None:  # a padding pass: its statistics do not count
+                self._restore_loss_stats(stats)
+                continue
             loss_sum += summed.detach().float()
         runtime.sync_gradients(self.model)
         loss_total = float(runtime.sum(loss_sum).item())
         return StepResult(loss=loss_total / max(total, 1.0), tokens=int(total))
+
+    def _loss_stats(self) -> Any:
+        """What :meth:`loss` accumulates on the trainer (``_step_metrics``), copied."""
+        stats = getattr(self, "_step_metrics", None)
+        return dict(stats) if isinstance(stats, dict) else None
+
+    def _restore_loss_stats(self, stats: Any) -> None:
+        if stats is not None:
+            self._step_metrics = stats
 
     def count_tokens(self, batch: Any) -> int:
         """Trained tokens in a micro-batch (``loss_mask`` summed)."""
@@ -778,6 +873,9 @@ class Trainer:
     def _save_to(self, final: Path, *, training_state: bool) -> Path:
         runtime = self.runtime
         state_dict = runtime.state_dict(self.model)  # every process takes part under FSDP
+        optimizer_state = None
+        if training_state and self.optimizer is not None:  # a collective under FSDP too
+            optimizer_state = runtime.optimizer_state_dict(self.model, self.optimizer)
         rank_rng = rng_state()
         runtime.wait()
         tmp = final.parent / f".tmp-{final.name}"
@@ -792,8 +890,8 @@ class Trainer:
             model.save_pretrained(tmp / MODEL_DIR, **kwargs)
             if self.processor is not None:
                 self.processor.save_pretrained(tmp / MODEL_DIR)
-            if training_state and self.optimizer is not None and self.scheduler is not None:
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if optimizer_state is not None and self.scheduler is not None:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         runtime.wait()
         if training_state:  # each process its own random state
@@ -829,11 +927,8 @@ class Trainer:
             epoch=int(state["epoch"]),
             batch_in_epoch=int(state["batch_in_epoch"]),
         )
-        device = self.runtime.device
         assert self.optimizer is not None and self.scheduler is not None
-        self.optimizer.load_state_dict(
-            torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=False)
-        )
+        self.runtime.load_optimizer_state(self.model, self.optimizer, checkpoint / "optimizer.pt")
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         rng_file = checkpoint / f"rng_{self.runtime.process_index}.pt"
         if rng_file.exists():
@@ -844,6 +939,58 @@ class Trainer:
         """Close the metrics backends."""
         if self._metrics is not None:
             self._metrics.close()
+
+
+def _has_images(batch: Any) -> bool:
+    return getattr(batch, "pixel_values", None) is not None
+
+
+def _fsdp_schedule(batches: list[Any]) -> list[tuple[Any, float]]:
+    """This process's micro-batches under FSDP, padded so that every process runs alike.
+
+    FSDP gathers each wrapped block's parameters in its forward, a collective: every process
+    must run as many forward passes as the others, through the same blocks (the vision tower
+    only where all have images). A process with fewer micro-batches repeats one of its own
+    (another process's when it has none) with weight 0. Every process computes the same
+    schedule from everyone's image flags, so a mismatch is refused on all of them at once
+    rather than waiting forever.
+
+    Raises:
+        ConfigurationError: If the micro-batches at some position have images on some
+            processes and not on others.
+    """
+    from genagent.training.distributed import gather_objects
+
+    everyone = gather_objects([_has_images(b) for b in batches])
+    length = max(len(flags) for flags in everyone)
+    wanted: list[bool] = []
+    for i in range(length):
+        at_i = {f[i] for f in everyone if i < len(f)}
+        if len(at_i) > 1:
+            raise ConfigurationError(
+                f"under FSDP, micro-batch {i} of this step has images on some processes and "
+                "not on others: the vision tower's sharded parameters are gathered by all "
+                "processes together. Train text-only rows and rows with images in separate "
+                "steps, or use DDP (the vision tower is small) instead of FSDP"
+            )
+        wanted.append(at_i.pop())
+    starved = any(not flags for flags in everyone)  # a process without micro-batches
+    lent = {f for flags in everyone for f in flags[:1] + flags[-1:]} if starved else set()
+    for mine in everyone:  # checked alike on every process
+        for i in range(len(mine), length):
+            if wanted[i] not in set(mine) | lent:
+                raise ConfigurationError(
+                    f"under FSDP, a process has no micro-batch {'with' if wanted[i] else 'without'}"
+                    " images to pad its step with; every process must run alike"
+                )
+    donors: list[Any] = []
+    if starved:
+        donors = [b for mine in gather_objects(batches[:1] + batches[-1:]) for b in mine]
+    schedule = [(b, 1.0) for b in batches]
+    for i in range(len(batches), length):
+        pool = [b for b in batches + donors if _has_images(b) == wanted[i]]
+        schedule.append((pool[0], 0.0))
+    return schedule
 
 
 def iter_groups(items: Sequence[Any], size: int, *, drop_last: bool) -> Iterator[list[Any]]:

@@ -828,6 +828,76 @@ def _bare(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+_MISSING = object()
+
+
+def _fsdp_entry(model: Any) -> tuple[Any, Any, Any]:
+    """``(module to call, module whose forward runs inside it, model inside the wrappers)``.
+
+    * DDP (``DistributedDataParallel``) is peeled off: its forward is not called (the
+      trainers average the gradients themselves), so the first two are ``None``;
+    * FSDP1 (``FullyShardedDataParallel``): call the wrapper, which unshards its parameters
+      and then calls the wrapped module;
+    * FSDP2 (a module given to ``fully_shard``): call the module itself, whose forward hooks
+      unshard its parameters.
+
+    Under FSDP the parameters of the root (the embeddings, the head, the vision tower's patch
+    embedding, ...) are shards between forward passes; they are whole only inside the root's
+    forward, and gradients are reduce-scattered by hooks registered there. So the parts of the
+    model are called from inside the root's own call, never around it.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None, None, model
+    if not dist.is_available():
+        return None, None, model
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, FullyShardedDataParallel):
+        inner = model.module
+        return model, inner, inner
+    if isinstance(model, FSDPModule):
+        return model, model, model
+    return None, None, model
+
+
+def _check_not_sharded(model: Any) -> None:
+    """Refuse a model inside an FSDP root: its parts would see parameter shards."""
+    import torch.distributed as dist
+
+    if not dist.is_available():  # pragma: no cover - torch without distributed
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ConfigurationError(
+            f"{type(model).__name__} holds sharded (FSDP2) parameters but is not the module "
+            "given to fully_shard: pass the FSDP-wrapped model itself (the trainer's "
+            "`model`), so that its parameters are gathered around the computation"
+        )
+
+
+def _call_through(caller: Any, target: Any, compute: Any) -> Any:
+    """``compute()`` run as ``target``'s forward, inside ``caller(...)`` (FSDP's hooks)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compute()
+
+    saved = target.__dict__.get("forward", _MISSING)
+    target.forward = forward  # an instance attribute: found before the class's forward
+    try:
+        return caller()
+    finally:
+        if saved is _MISSING:
+            del target.forward
+        else:
+            target.forward = saved
+
+
 def _vision_model(model: Any) -> Any | None:
     """The inner model with ``get_rope_index`` (Qwen2-VL / Qwen2.5-VL), if any."""
     inner = getattr(model, "model", None)
@@ -899,8 +969,11 @@ def token_logprobs(
 
     Args:
         model: A transformers causal LM or Qwen-VL model, or a peft model around one (its
-            base model is called, LoRA layers included). Unwrap distributed wrappers (DDP,
-            FSDP) first: the model's parts are called directly.
+            base model is called, LoRA layers included), or such a model as distributed
+            training wrapped it: DDP is peeled off (its forward is not called: average the
+            gradients yourself, as the trainers do); under FSDP (``FullyShardedDataParallel``
+            or ``fully_shard``) pass the wrapped root itself: the parts are then called from
+            inside its forward, where its parameters are whole and its gradient hooks run.
         batch: The micro-batch (moved to the model's device here).
         temperature: Divide the logits by it first, as sampling at that temperature did
             (recorded log-probs are of the tempered distribution).
@@ -912,14 +985,29 @@ def token_logprobs(
 
     Raises:
         ConfigurationError: If the micro-batch has images and the model is not a Qwen-VL
-            model, its image tokens do not match the image features, or ``temperature`` is
-            not positive.
+            model, its image tokens do not match the image features, ``temperature`` is
+            not positive, or ``model`` is a part of an FSDP2 model rather than its root.
     """
-    import torch
-
     if not temperature > 0:
         raise ConfigurationError(f"temperature must be > 0, got {temperature}")
-    model = _bare(model)
+    caller, target, inner = _fsdp_entry(model)
+    bare = _bare(inner)
+
+    def compute() -> torch.Tensor:
+        return _parts_logprobs(bare, batch, temperature, chunk_tokens)
+
+    if caller is None:
+        _check_not_sharded(bare)
+        return compute()
+    out: torch.Tensor = _call_through(caller, target, compute)
+    return out
+
+
+def _parts_logprobs(
+    model: Any, batch: MicroBatch, temperature: float, chunk_tokens: int
+) -> torch.Tensor:
+    """:func:`token_logprobs` on the bare model: its parts called one by one."""
+    import torch
 
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
