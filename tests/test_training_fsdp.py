@@ -13,11 +13,16 @@ norm with the head as their own units, the rest in the root) and genagent's real
   process stepping on all the rows, and so does a second step (Adam's state in play);
 * a checkpoint written under FSDP (the optimizer state gathered from the shards) resumes to
   the same second step;
-* ``token_logprobs`` refuses a part of an FSDP2 model instead of computing with shards.
+* ``token_logprobs`` refuses a part of an FSDP2 model instead of computing with shards;
+* ``RLTrainer`` with local rollouts (``TransformersPolicy`` on the sharded model under
+  training), the ranks generating different numbers of tokens (so different numbers of forward
+  passes), completes its step without a collective during generation, and its parameters are
+  those of one process stepping on the same rollouts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -134,10 +139,16 @@ def _worker(out_dir: str, model: str) -> None:
     (out / f"report_rank{rank}.json").write_text(json.dumps(report))
 
 
-def _launch(out: Path, model: str, processes: int, timeout_s: float) -> None:
-    """Start the ranks as ``accelerate launch --cpu`` would (its environment), wait for them."""
+def _launch(
+    out: Path, model: str, processes: int, timeout_s: float, worker: str = "_worker"
+) -> None:
+    """Start the ranks as ``accelerate launch --cpu`` would (its environment), wait for them.
+
+    Ranks still running after ``timeout_s`` (a hang in a collective) are killed, and the test
+    fails with their logs.
+    """
     port = _free_port()
-    code = f"from tests.test_training_fsdp import _worker; _worker({str(out)!r}, {model!r})"
+    code = f"from tests.test_training_fsdp import {worker}; {worker}({str(out)!r}, {model!r})"
     procs = []
     for rank in range(processes):
         env = {
@@ -160,11 +171,12 @@ def _launch(out: Path, model: str, processes: int, timeout_s: float) -> None:
                 )
             )
     deadline = time.monotonic() + timeout_s
+    hung = False
     try:
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pass
+        hung = True
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -175,6 +187,7 @@ def _launch(out: Path, model: str, processes: int, timeout_s: float) -> None:
         + (out / f"log_rank{r}.txt").read_text(errors="replace")[-4000:]
         for r, p in enumerate(procs)
     )
+    assert not hung, f"the ranks did not finish within {timeout_s} s (a hang?)\n{logs}"
     assert all(p.returncode == 0 for p in procs), logs
 
 
@@ -281,3 +294,285 @@ def test_fsdp_schedule_pads_every_process_to_the_same_passes(
     gathered([[False, True], [False]])
     with pytest.raises(ConfigurationError, match="pad"):
         _common._fsdp_schedule([text])
+
+
+# --------------------------------------------------------------------------- RL, local rollouts
+
+RL_TASKS = (7, 3)  # of sample_tasks(8, seed=2): rank r rolls out task RL_TASKS[r]
+COLLECTIVES = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "barrier",
+)
+GENERATION_THREAD = "genagent-policy-"  # TransformersPolicy's worker thread runs the forwards
+RL_LAUNCH_TIMEOUT_S = 100  # the step takes about 15 s; a hang is killed after this
+
+
+def _rl_tasks() -> list[Any]:
+    from genagent.sim import sample_tasks
+
+    tasks = sample_tasks(8, seed=2)
+    return [tasks[i] for i in RL_TASKS]
+
+
+def _draw(prompt: str) -> str:
+    """A scripted tool call that draws ``prompt`` (its length sets the reply's tokens)."""
+    return (
+        '<think>Draw it.</think><tool_call>{"name": "image_generation_tool", "arguments": '
+        f'{{"caption": "{prompt}"}}}}</tool_call>'
+    )
+
+
+def _rl_config(model: str, out: Path) -> Any:
+    from genagent.training.rl import RLConfig
+
+    return RLConfig.model_validate(
+        {
+            "model": model,
+            "output_dir": out,
+            # Adam's first step with eps = 1 is about lr * g (as in _config), and the policy
+            # gradients of LoRA's B are about 1e-5 here: lr = 1000 makes the step about 1e-2,
+            # so a wrong gradient scale shows far above the tolerance
+            "lr": 1000.0,
+            "eps": 1.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": None,
+            "warmup_steps": 0,
+            "schedule": "constant",
+            "mixed_precision": "no",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "tensorboard": False,
+            "max_steps": 2,  # the second rollouts follow a training step (Adam's state too)
+            "tasks_per_step": 2,  # one task per rank
+            "group_size": 2,
+            "max_resample": 2,
+            "max_rounds": 1,  # one reply per run: text-only rows, no vision tower in training
+            "max_new_tokens": 200,
+            "concurrency": 2,
+            "max_tokens": 2400,  # one row (about 2,300 byte tokens) per micro-batch
+        }
+    )
+
+
+def _count_collectives() -> dict[str, dict[str, int]]:
+    """Count torch.distributed collectives by name, in the generation thread and elsewhere.
+
+    FSDP2 calls them through the ``torch.distributed`` module (``dist.all_gather_single``,
+    ``dist.reduce_scatter_single``), so wrapping the module's functions sees every one.
+    """
+    import threading
+
+    import torch.distributed as dist
+
+    counts: dict[str, dict[str, int]] = {"generation": {}, "other": {}}
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def counted(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            thread = threading.current_thread().name
+            where = counts["generation" if thread.startswith(GENERATION_THREAD) else "other"]
+            where[_name] = where.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return counts
+
+
+def _watch_full_parameters(runtime: Any) -> list[dict[str, Any]]:
+    """Record the FSDP2 modules' state around each ``full_parameters`` (each step's rollouts)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from genagent.training._common import _reshard_policy
+
+    full_parameters = runtime.full_parameters
+    entries: list[dict[str, Any]] = []
+
+    def groups(modules: list[Any]) -> list[Any]:
+        return [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+
+    def policy(modules: list[Any]) -> list[Any]:  # resharded after forward, per group
+        return [[info is not None for info in _reshard_policy(m) or []] for m in modules]
+
+    @contextlib.contextmanager
+    def watched(model: Any) -> Any:
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        seen: dict[str, Any] = {"modules": len(modules), "policy_before": policy(modules)}
+        entries.append(seen)
+        with full_parameters(model):
+            seen["whole_inside"] = all(g.is_unsharded for g in groups(modules))
+            seen["policy_inside"] = policy(modules)
+            yield
+        seen["sharded_after"] = all(g.is_sharded for g in groups(modules))
+        seen["policy_after"] = policy(modules)
+
+    runtime.full_parameters = watched
+    return entries
+
+
+def _rl_worker(out_dir: str, model: str) -> None:
+    """One rank of the two-process FSDP2 RL step with local rollouts."""
+    import faulthandler
+
+    import torch
+
+    # a hang shows where every thread waits, in the rank's log, before the launcher kills it
+    faulthandler.dump_traceback_later(RL_LAUNCH_TIMEOUT_S - 10)
+    torch.set_num_threads(1)
+    _as_fsdp2()
+    counts = _count_collectives()
+    from genagent.testing import ScriptedLogits
+    from genagent.training import rl_trainer
+
+    out = Path(out_dir)
+    rank = int(os.environ["RANK"])
+    rows: list[list[Any]] = []  # each step's
+    build_rows = rl_trainer.build_rows
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        built = build_rows(*args, **kwargs)
+        rows.append(list(built))
+        return built
+
+    rl_trainer.build_rows = recorded  # type: ignore[assignment]
+    trainer = rl_trainer.RLTrainer(_rl_config(model, out), tasks=_rl_tasks())
+    # each rank rolls out its own task (tasks_per_step = 2 over 2 ranks); the scripted replies
+    # differ in length, so the ranks generate different numbers of tokens (forward passes)
+    reply = _draw(trainer.tasks[rank].prompt)
+    trainer.policy.logits_processors = [ScriptedLogits(trainer.processor.tokenizer, [reply])]
+    trainer.agent.max_retries = 0
+    gathering = _watch_full_parameters(trainer.runtime)
+    result = trainer.train()
+    params = _full(trainer)  # gathered by both ranks
+    torch.save({"rows": rows, "params": params}, out / f"rl_rank{rank}.pt")
+    stats = trainer.policy.stats
+    report = {
+        "distributed_type": trainer.runtime.distributed_type,
+        "fsdp2": trainer.runtime.is_fsdp2,
+        "steps": result.steps,
+        "losses": [record["loss"] for record in result.history],
+        "rows": [len(step) for step in rows],
+        "decode_steps": stats.decode_steps,
+        "sequences": stats.sequences,
+        "collectives": counts,
+        "gathering": gathering,
+        "policy_model_is_root": trainer.policy.model is trainer.runtime.unwrap(trainer.model),
+    }
+    (out / f"report_rank{rank}.json").write_text(json.dumps(report))
+
+
+def _rl_one_process(
+    model: str, out: Path, steps: list[list[Any]]
+) -> tuple[dict[str, Any], list[float]]:
+    """One process, ``RLTrainer`` steps on the given rows (each step's rows of both ranks)."""
+    from genagent.training.data import pack
+    from genagent.training.rl_trainer import RLTrainer
+
+    config = _rl_config(model, out)
+    trainer = RLTrainer(config, tasks=_rl_tasks())
+    trainer.setup_optimizer(len(steps))
+    losses = []
+    for rows in steps:
+        trainer._step_metrics = {}
+        batches = pack(rows, config.max_tokens, processor=trainer.processor)
+        losses.append(trainer.train_step(batches).loss)
+    params = _full(trainer)
+    trainer.close()
+    return params, losses
+
+
+@pytest.mark.timeout(180)
+def test_fsdp2_rl_local_rollouts_do_not_hang_and_match_one_process(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    try:
+        _free_port()
+    except OSError as exc:
+        pytest.skip(f"no loopback TCP port for the process group: {exc}")
+
+    two = tmp_path / "two"
+    two.mkdir()
+    # a hang (ranks waiting in an all-gather the other never joins) is killed and fails here
+    _launch(two, str(tiny_model), processes=2, timeout_s=RL_LAUNCH_TIMEOUT_S, worker="_rl_worker")
+    reports = [json.loads((two / f"report_rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["distributed_type"] == "FSDP" and report["fsdp2"]
+        assert report["steps"] == 2
+        assert report["policy_model_is_root"]  # the rollouts use the sharded model itself
+        # generation ran without a single collective; training did run FSDP's collectives
+        assert report["collectives"]["generation"] == {}, report["collectives"]
+        assert report["collectives"]["other"]["all_gather_single"] > 0  # FSDP's, counted
+        first, second = report["gathering"]  # the rollouts of each step
+        for entry in (first, second):
+            assert entry["modules"] > 2 and entry["whole_inside"] and entry["sharded_after"]
+            assert all(g == [False] for g in entry["policy_inside"]), entry
+        # the reshard policy is restored (the first rollouts are also FSDP's first forward,
+        # where FSDP settles the root's own policy: compare from the second on)
+        assert second["policy_before"] == second["policy_after"] == first["policy_after"]
+        assert any(g == [True] for g in second["policy_after"]), second
+    # both steps train on rows (a rank without any would borrow another's, with weight 0)
+    assert all(reports[0]["rows"][i] + reports[1]["rows"][i] for i in (0, 1)), reports
+    # the ranks ran different numbers of forward passes in generation
+    assert reports[0]["decode_steps"] != reports[1]["decode_steps"], reports
+    assert reports[0]["losses"] == pytest.approx(reports[1]["losses"], abs=1e-6)
+
+    saved = [torch.load(two / f"rl_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, value in saved[0]["params"].items():  # every rank ends with the same weights
+        assert torch.equal(saved[1]["params"][name], value), name
+
+    torch.set_num_threads(1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        assert name not in os.environ
+    one = tmp_path / "one"
+    one.mkdir()
+    steps = [saved[0]["rows"][i] + saved[1]["rows"][i] for i in (0, 1)]
+    reference, losses = _rl_one_process(str(tiny_model), one, steps)
+    assert losses == pytest.approx(reports[0]["losses"], abs=1e-5)
+    params = saved[0]["params"]
+    assert params.keys() == reference.keys()
+    moved = max(float(v.abs().max()) for n, v in reference.items() if "lora_B" in n)
+    assert moved > 1e-3  # LoRA's B starts at 0: the steps moved far more than the tolerance
+    diff = max(float((params[n] - reference[n]).abs().max()) for n in reference)
+    print(f"RL, 2 steps: max |param diff| FSDP2 (local rollouts) vs one process: {diff:.3g}")
+    assert diff < TOLERANCE, diff
+
+
+def test_fsdp1_refuses_local_rollouts(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FSDP1 cannot run forward passes with its parameters summoned: refused, not a hang."""
+    from types import SimpleNamespace
+
+    from genagent.errors import ConfigurationError
+    from genagent.training import _common
+    from genagent.training.rl_trainer import RLTrainer
+
+    fsdp1 = SimpleNamespace(is_fsdp=True, is_fsdp2=False)
+    with pytest.raises(ConfigurationError, match="FSDP2"):
+        _common.Runtime.full_parameters(fsdp1, object())  # type: ignore[arg-type]
+    assert isinstance(
+        _common.Runtime.full_parameters(SimpleNamespace(is_fsdp=False), object()),  # type: ignore[arg-type]
+        contextlib.nullcontext,
+    )
+
+    # one process, seen as FSDP1 (the model is then prepared as accelerate would without it)
+    monkeypatch.setattr(_common.Runtime, "is_fsdp", property(lambda self: True))
+    monkeypatch.setattr(_common.Runtime, "is_fsdp2", property(lambda self: False))
+    with pytest.raises(ConfigurationError, match=r"FSDP1 .*rollout\.backend = 'vllm'"):
+        RLTrainer(_rl_config(str(tiny_model), tmp_path), tasks=_rl_tasks())

@@ -418,6 +418,32 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def full_parameters(self, model: Any) -> contextlib.AbstractContextManager[None]:
+        """The model's whole parameters on every process, for forward passes run apart.
+
+        Under FSDP2 each wrapped block's forward gathers its parameters (a collective), so
+        forward passes that processes run on their own, in different numbers (generation),
+        would wait forever for each other. Inside this context every FSDP2 module of the model
+        is gathered once, on every process together, and kept whole: the forwards then run
+        without a collective. On leaving, every module is resharded and its reshard policy
+        restored (also after an error). The full parameters live on every process meanwhile,
+        as in one process (the memory of the whole model, not of a shard). Without sharding
+        nothing is done.
+
+        Raises:
+            ConfigurationError: Under FSDP1 (``FullyShardedDataParallel``), which cannot run
+                forward passes inside ``summon_full_params``: use FSDP2.
+        """
+        if not self.is_fsdp:
+            return contextlib.nullcontext()
+        if not self.is_fsdp2:
+            raise ConfigurationError(
+                "under FSDP1 (fsdp_version: 1) forward passes cannot run with the full "
+                "parameters gathered (summon_full_params forbids them), so processes "
+                "generating on their own would hang: use FSDP2 (fsdp_version: 2)"
+            )
+        return _fsdp2_full_parameters(model)
+
     def no_sync(self, model: Any, skip: bool) -> contextlib.AbstractContextManager[Any]:
         """Skip DDP's gradient all-reduce (not FSDP's reduce-scatter: it keeps shards)."""
         if skip and self.accelerator is not None and self.num_processes > 1 and not self.is_fsdp:
@@ -500,6 +526,54 @@ class Runtime:
 def _inner_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _reshard_policy(module: Any) -> list[Any] | None:
+    """What decides whether ``module``'s FSDP2 parameter groups reshard after forward.
+
+    ``set_reshard_after_forward`` sets it but nothing public reads it back, so it is read
+    from the groups (``post_forward_mesh_info`` in torch 2.13); ``None`` if absent.
+    """
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None or not all(hasattr(g, "post_forward_mesh_info") for g in groups):
+        return None
+    return [g.post_forward_mesh_info for g in groups]
+
+
+@contextlib.contextmanager
+def _fsdp2_full_parameters(model: Any) -> Iterator[None]:
+    """See :meth:`Runtime.full_parameters` (every process must enter it, in the same order)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        raise ConfigurationError(
+            f"{type(model).__name__} has no FSDP2 module (fully_shard) although accelerate "
+            "runs FSDP2: give the trainer's model"
+        )
+    root = modules[0]  # modules() walks from the top: the outermost one, FSDP's root
+    from genagent.training.data import _call_through
+
+    # FSDP learns which module is its root from the first forward pass: an empty one through
+    # the root (it gathers the root's own parameters, on every process) settles that before
+    # the blocks are gathered one by one below
+    _call_through(root, root, lambda: None)
+    policies = [_reshard_policy(m) for m in modules]
+    try:
+        for module in modules:  # the same modules in the same order on every process
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()  # all-gathers now; its forward's unshard is then a no-op
+        yield
+    finally:
+        for module, policy in zip(modules, policies, strict=True):
+            module.reshard()  # frees the whole parameters: local, no collective
+            if policy is None:  # FSDP2's defaults: the root alone keeps them after forward
+                module.set_reshard_after_forward(module is not root, recurse=False)
+                continue
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            for group, mesh_info in zip(groups, policy, strict=True):
+                group.post_forward_mesh_info = mesh_info
 
 
 # --------------------------------------------------------------------------- checkpoints

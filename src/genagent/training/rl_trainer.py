@@ -10,6 +10,7 @@ RLTrainer`` works too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -87,7 +88,12 @@ class RLTrainer(Trainer):
 
     * ``backend="local"`` (default): a :class:`~genagent.policies.TransformersPolicy` wrapping
       the very model being trained (no copy, no server); its key/value caches are dropped
-      after every update.
+      after every update. Under FSDP2 every process gathers the whole parameters once before
+      its rollouts and reshards them after
+      (:meth:`~genagent.training._common.Runtime.full_parameters`), so that the processes,
+      which generate different numbers of tokens, run their forward passes without
+      collectives: the whole model is in every process's memory during rollouts (as in verl;
+      not so with vLLM rollouts, whose weights live in the server). FSDP1 is refused.
     * ``backend="vllm"``: an :class:`~genagent.policies.OpenAIPolicy` asking the vLLM server
       at ``rollout.base_url`` for the adapter ``rollout.adapter_name``, with token ids and
       log-probabilities. Before the first rollouts (also after a resume) and after every
@@ -116,7 +122,8 @@ class RLTrainer(Trainer):
 
     Raises:
         ConfigurationError: For rollout settings that cannot work (``backend="vllm"``
-            without ``base_url`` or without LoRA, an unset API key variable, ...).
+            without ``base_url`` or without LoRA, an unset API key variable, local rollouts
+            through a ``TransformersPolicy`` under FSDP1, ...).
     """
 
     config: RLConfig
@@ -199,6 +206,19 @@ class RLTrainer(Trainer):
                 model_id=config.model,
                 **dict(policy_kwargs or {}),
             )
+        self._local_rollouts = rollout.backend == "local"
+        if self._local_rollouts and self.runtime.is_fsdp and not self.runtime.is_fsdp2:
+            from genagent.policies.transformers import TransformersPolicy
+
+            if isinstance(self.policy, TransformersPolicy):
+                raise ConfigurationError(
+                    "RLTrainer with local rollouts (rollout.backend = 'local') does not run "
+                    "under FSDP1 (fsdp_version: 1): every process generates its own number of "
+                    "forward passes through the sharded model, each a collective, and FSDP1 "
+                    "cannot run them with the full parameters gathered, so the processes would "
+                    "hang. Use FSDP2 (fsdp_version: 2), rollouts served by vLLM "
+                    "(rollout.backend = 'vllm'), or DDP"
+                )
         if tools is None:
             from genagent.sim import scene_tools
 
@@ -301,8 +321,17 @@ class RLTrainer(Trainer):
                 if callable(aclose):
                     await aclose()
 
+        # local rollouts generate through the model under training: under FSDP2 its whole
+        # parameters are gathered once around them, as each process runs its own number of
+        # forward passes (each would otherwise gather the shards with the others: a hang)
+        gathered = (
+            self.runtime.full_parameters(self.model)
+            if self._local_rollouts
+            else contextlib.nullcontext()
+        )
         try:
-            groups = run_sync(run())
+            with gathered:
+                groups = run_sync(run())
         finally:
             model.train(was_training)
         _require_token_ids(groups)
