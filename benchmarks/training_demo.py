@@ -1,8 +1,11 @@
 """A demonstration that a policy learns, on the CPU: SFT on the simulator's heuristic runs, then RL.
 
 A tiny Qwen2.5-VL (``genagent.testing.tiny_qwen2_5_vl``: the real model class, random weights,
-a byte vocabulary plus the Qwen special tokens) is saved to a folder and loaded back through the
-real loading paths (the trainers' loader, ``TransformersPolicy.from_pretrained``). Then:
+4 layers of width 128, tied embeddings) with a byte-level BPE tokenizer learned from the
+training runs and the simulator's vocabulary (``qwen_tokenizer("bpe")``: Qwen2's
+pre-tokenization and special tokens, about 1,000 tokens, so that object names are single tokens
+as in a real vocabulary) is saved to a folder and loaded back through the real loading paths
+(the trainers' loader, ``TransformersPolicy.from_pretrained``). Then:
 
 1. **before SFT**: the random model runs held-out simulator tasks through the real agent;
 2. **SFT**: ``SFTTrainer`` (full fine-tuning) on the trajectories ``HeuristicPolicy`` writes for
@@ -16,12 +19,13 @@ Evaluation runs greedy (temperature 0) on tasks that share no prompt with the tr
 A reply *parses* when the protocol turned it into an action (``Turn.action`` is set and the turn
 has no ``ProtocolError``). The reward is ``SceneJudge`` on the run's final image (0 when the run
 made none): ``strict`` (1 when every constraint holds, as GenEval scores) and ``fraction`` (the
-share of the task's constraints that hold).
+share of the task's constraints that hold). Changes between stages are paired per task.
 
 The system prompt is a compact form of GenAgent's (same reply format, same parser, tool
 schemas shortened to names and arguments) so that rows stay short on a CPU.
 
 Usage: python benchmarks/training_demo.py [--seed 0] [--quick] [--json] [--workdir DIR]
+       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -73,22 +77,28 @@ class CompactProtocol(GenAgentProtocol):
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": {
+        "vocab": 2048,
         "hidden": 128,
+        "heads": 4,
         "layers": 4,
-        "train_tasks": 160,
-        "eval_tasks": 24,
-        "sft_epochs": 10,
+        "train_tasks": 2000,
+        "eval_tasks": 64,
+        "sft_epochs": 4,
         "sft_lr": 3e-3,
-        # packs of 3k tokens: the attention fallback on the CPU is quadratic in the pack
-        "max_tokens": 3072,
-        "rl_steps": 2,
-        "rl_tasks_per_step": 2,
-        "rl_group": 4,
-        "rl_lr": 1e-4,
+        # packs of 1k tokens (about two runs): many small steps learn more per CPU second than
+        # few large ones, and the attention fallback on the CPU is quadratic in the pack
+        "max_tokens": 1024,
+        "rl_steps": 40,
+        "rl_tasks_per_step": 4,
+        "rl_group": 8,
+        "rl_lr": 3e-4,
+        "rl_temperature": 0.7,
         "max_new_tokens": 1024,
     },
     "quick": {
+        "vocab": 512,
         "hidden": 64,
+        "heads": 2,
         "layers": 2,
         "train_tasks": 12,
         "eval_tasks": 4,
@@ -99,10 +109,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "rl_tasks_per_step": 2,
         "rl_group": 2,
         "rl_lr": 2e-4,
+        "rl_temperature": 1.0,
         "max_new_tokens": 48,
     },
 }
 MAX_ROUNDS = 2
+BATCH_WAIT_S = 0.25  # how long the policy waits for a batch's requests (reproducible batches)
 MAX_PIXELS = 56 * 56  # a 256x256 simulator image becomes 4 image tokens
 
 
@@ -177,6 +189,31 @@ def summarize(stage: str, trajectories: Sequence[Trajectory], wall_s: float) -> 
         "answered_ci95": [a_lo, a_hi],
         "terminations": terminations,
         "wall_s": round(wall_s, 1),
+        "per_run_strict": strict,
+        "per_run_fraction": fraction,
+    }
+
+
+def paired_delta(before: dict[str, Any], after: dict[str, Any], key: str) -> dict[str, Any]:
+    """Mean per-task change of a reward from one stage to the next, with a paired 95% CI.
+
+    Both stages ran the same held-out tasks in the same order, so the per-task differences are
+    paired; the interval is the normal approximation on their mean.
+    """
+    a, b = before[f"per_run_{key}"], after[f"per_run_{key}"]
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else 0.0
+    half = 1.96 * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+    return {
+        "from": before["stage"],
+        "to": after["stage"],
+        "reward": key,
+        "mean": mean,
+        "ci95": [mean - half, mean + half],
+        "better": sum(d > 0 for d in diffs),
+        "worse": sum(d < 0 for d in diffs),
+        "same": sum(d == 0 for d in diffs),
     }
 
 
@@ -186,7 +223,11 @@ def evaluate(model_dir: Path, tasks: list[Task], max_new_tokens: int, seed: int)
     from genagent.policies.transformers import TransformersPolicy
 
     policy = TransformersPolicy.from_pretrained(
-        str(model_dir), device="cpu", dtype="float32", max_batch_size=len(tasks)
+        str(model_dir),
+        device="cpu",
+        dtype="float32",
+        max_batch_size=len(tasks),
+        batch_wait_s=BATCH_WAIT_S,
     )
     agent = Agent(
         tools=scene_tools(),
@@ -214,6 +255,22 @@ def heuristic_runs(tasks: list[Task], seed: int) -> list[Trajectory]:
     return agent.run_batch(tasks, concurrency=16, progress=False)
 
 
+def tokenizer_corpus(runs: Sequence[Trajectory]) -> list[str]:
+    """Texts to learn the tokenizer's merges from: the teacher's training runs and the vocabulary.
+
+    The training runs' messages (system prompt, requests, replies, tool results), plus every
+    class name (singular and plural), colour, size and number word of the simulator, so that
+    words of held-out prompts are single tokens too, as in a real vocabulary. Nothing from the
+    held-out runs is used.
+    """
+    from genagent.sim._vocab import CLASSES, COLORS, NUMBER_WORDS, SIZE_WORDS, plural
+
+    texts = [m.text for tr in runs for m in tr.to_messages() if m.text]
+    words = [*CLASSES, *(plural(c) for c in CLASSES), *COLORS, *SIZE_WORDS, *NUMBER_WORDS.values()]
+    texts += [f"a photo of {w} and {w}" for w in words for _ in range(4)]
+    return texts
+
+
 def split_tasks(n_train: int, n_eval: int, seed: int) -> tuple[list[Task], list[Task]]:
     """Training tasks, and held-out tasks sharing no prompt with them."""
     train = sample_tasks(n_train, seed=seed)
@@ -231,14 +288,19 @@ def split_tasks(n_train: int, n_eval: int, seed: int) -> tuple[list[Task], list[
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from genagent.testing import tiny_qwen2_5_vl
+    from genagent.testing import qwen_tokenizer, tiny_qwen2_5_vl
     from genagent.training.config import SFTConfig
     from genagent.training.rewards import RLReward
     from genagent.training.rl import RLConfig
     from genagent.training.rl_trainer import RLTrainer
     from genagent.training.sft import SFTTrainer
 
-    s = SETTINGS["quick" if args.quick else "full"]
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    for item in getattr(args, "set", []):
+        key, _, value = item.partition("=")
+        if key not in s:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(sorted(s))}")
+        s[key] = type(s[key])(value)
     torch.manual_seed(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="genagent-training-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -248,13 +310,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     train_tasks, held_out = split_tasks(s["train_tasks"], s["eval_tasks"], args.seed)
 
+    # SFT data: the heuristic policy's runs on the training tasks, saved as trajectories
     t0 = time.perf_counter()
+    data_dir = work / "sft-data"
+    runs = heuristic_runs(train_tasks, args.seed)
+    for i, trajectory in enumerate(runs):
+        trajectory.save(data_dir / f"{i:05d}")
+    timings["sft_data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokenizer = qwen_tokenizer("bpe", corpus=tokenizer_corpus(runs), vocab_size=s["vocab"])
     base = tiny_qwen2_5_vl(
         work / "base",
-        tokenizer="byte",
+        tokenizer=tokenizer,
         seed=args.seed,
         hidden_size=s["hidden"],
         layers=s["layers"],
+        heads=s["heads"],
+        tie_word_embeddings=True,
         max_pixels=MAX_PIXELS,
     )
     timings["build_model_s"] = time.perf_counter() - t0
@@ -272,14 +345,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.perf_counter() - t0,
         )
     )
-
-    # SFT data: the heuristic policy's runs on the training tasks, saved as trajectories
-    t0 = time.perf_counter()
-    data_dir = work / "sft-data"
-    runs = heuristic_runs(train_tasks, args.seed)
-    for i, trajectory in enumerate(runs):
-        trajectory.save(data_dir / f"{i:05d}")
-    timings["sft_data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     sft_config = SFTConfig(
@@ -338,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=s["max_tokens"],
         max_rounds=MAX_ROUNDS,
         max_new_tokens=s["max_new_tokens"],
-        temperature=1.0,
+        temperature=s["rl_temperature"],
         concurrency=s["rl_tasks_per_step"] * s["rl_group"],
         seed=args.seed,
         log_every=10_000,
@@ -349,7 +414,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rl_config,
         reward=reward,
         tasks=train_tasks,
-        policy_kwargs={"max_batch_size": s["rl_tasks_per_step"] * s["rl_group"]},
+        policy_kwargs={
+            "max_batch_size": s["rl_tasks_per_step"] * s["rl_group"],
+            # wait for the step's concurrent requests, so that batches (and their rows'
+            # floating-point results) do not depend on how fast the tools answered
+            "batch_wait_s": BATCH_WAIT_S,
+        },
         # as in the evaluation: the compact prompt, and an unusable reply ends the run
         agent_kwargs={"protocol": CompactProtocol(), "max_retries": 0},
     )
@@ -359,6 +429,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rl_info = {
         "steps": rl_result.steps,
         "reward_mean_per_step": [round(h.get("reward_mean", 0.0), 4) for h in rl_result.history],
+        # the unweighted parts: the final image's SceneJudge fraction, reflection accuracy,
+        # format penalties (the total is final + 0.5 * reflection + format)
+        **{
+            f"reward_{part}_per_step": [
+                round(h.get(f"reward_{part}", 0.0), 4) for h in rl_result.history
+            ]
+            for part in ("final", "reflection", "format")
+        },
         "groups_with_signal_per_step": [
             int(h.get("groups_with_signal", 0)) for h in rl_result.history
         ],
@@ -390,6 +468,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "held_out_tasks": len(held_out),
         "teacher": teacher,
         "stages": stages,
+        "changes": [
+            paired_delta(stages[i], stages[i + 1], key)
+            for i in range(len(stages) - 1)
+            for key in ("fraction", "strict")
+        ],
         "sft": sft_info,
         "rl": rl_info,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -432,6 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny setting for a smoke test")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--workdir", help="where models and data go (default: a temp folder)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (e.g. --set sft_epochs=2); the report records the settings",
+    )
     args = parser.parse_args(argv)
     report = run(args)
     if args.json:
@@ -447,6 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"RL: {report['rl']['steps']} steps, rollout reward per step "
             f"{report['rl']['reward_mean_per_step']}, {report['rl']['train_s']:.0f} s"
         )
+        for change in report["changes"]:
+            lo, hi = change["ci95"]
+            print(
+                f"{change['from']} -> {change['to']}, reward {change['reward']}: "
+                f"{change['mean']:+.3f} (paired 95% CI {lo:+.3f} to {hi:+.3f}; "
+                f"{change['better']} tasks better, {change['worse']} worse, "
+                f"{change['same']} the same)"
+            )
         print(f"total: {report['total_s']:.0f} s on {report['machine']['platform']}")
     return 0
 

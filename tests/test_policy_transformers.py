@@ -423,3 +423,38 @@ def test_generation_config_with_top_k_one_is_greedy(loaded: TransformersPolicy) 
         for _ in range(3)
     }
     assert len(outputs) == 1
+
+
+def test_a_batch_runs_its_rows_in_an_order_independent_of_arrival(
+    loaded: TransformersPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a row's floating-point result can depend on its place in the batch; arrival order
+    # depends on timing (tool latency), so rows are sorted before running
+    prompts = ["a dog", "two red apples on a table", "a cat", "a cup"]
+    seen: list[list[int]] = []
+    policy = fresh(loaded, max_batch_size=8, batch_wait_s=0.5)
+    original = policy._generate
+
+    def spy(sequences: list[Any]) -> None:
+        seen.append([len(s.prompt_ids) * 1000 + (s.request.sampling.seed or 0) for s in sequences])
+        original(sequences)
+
+    monkeypatch.setattr(policy, "_generate", spy)
+
+    async def batch(order: Sequence[int]) -> dict[int, list[float]]:
+        outs = await asyncio.gather(
+            *(
+                policy.generate(
+                    [Message.user(prompts[i])],
+                    sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=i),
+                )
+                for i in order
+            )
+        )
+        return {i: list(o.logprobs or []) for i, o in zip(order, outs, strict=True)}
+
+    forward = asyncio.run(batch([0, 1, 2, 3]))
+    backward = asyncio.run(batch([3, 2, 1, 0]))
+    assert len(seen) == 2 and len(seen[0]) == 4  # one batch each time
+    assert seen[0] == seen[1] == sorted(seen[0])
+    assert forward == backward  # the same rows, bit for bit

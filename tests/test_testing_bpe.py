@@ -55,3 +55,22 @@ def test_tiny_model_with_a_bpe_tokenizer_loads_through_the_real_path(tmp_path: P
         text, add_special_tokens=False
     )
     assert AutoConfig.from_pretrained(folder).text_config.vocab_size == len(tok)
+
+
+def test_tiny_model_heads_and_tied_embeddings_survive_the_round_trip(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = tiny_qwen2_5_vl(
+        tmp_path / "m", tokenizer="byte", hidden_size=64, layers=1, heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    config = AutoConfig.from_pretrained(folder)
+    assert config.text_config.num_attention_heads == 2
+    assert sum(config.text_config.rope_parameters["mrope_section"]) == 64 // 2 // 2
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, config.text_config.vocab_size)
+    with pytest.raises(ValueError, match="heads"):
+        tiny_qwen2_5_vl(tmp_path / "bad", tokenizer="byte", hidden_size=64, heads=3)

@@ -47,6 +47,23 @@ def test_training_demo_quick_runs_every_stage(tmp_path: Path) -> None:
     assert (tmp_path / "sft" / "final" / "model").is_dir()
     assert (tmp_path / "rl" / "final" / "model").is_dir()
     assert report["total_s"] > 0
+    # paired changes between consecutive stages, on the same held-out tasks
+    assert [(c["from"], c["to"], c["reward"]) for c in report["changes"]] == [
+        ("before SFT", "after SFT", "fraction"),
+        ("before SFT", "after SFT", "strict"),
+        ("after SFT", "after RL", "fraction"),
+        ("after SFT", "after RL", "strict"),
+    ]
+    stages = {s["stage"]: s for s in report["stages"]}
+    for change in report["changes"]:
+        before, after = stages[change["from"]], stages[change["to"]]
+        key = change["reward"]
+        assert len(before[f"per_run_{key}"]) == len(after[f"per_run_{key}"]) == before["runs"]
+        assert change["better"] + change["worse"] + change["same"] == before["runs"]
+        expected = after[f"reward_{key}"] - before[f"reward_{key}"]
+        assert abs(change["mean"] - expected) < 1e-9
+        low, high = change["ci95"]
+        assert low <= change["mean"] <= high
 
 
 def test_training_demo_table(tmp_path: Path) -> None:

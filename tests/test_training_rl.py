@@ -561,6 +561,15 @@ def test_rl_trainer_one_step_with_lora_and_branching(tmp_path: Any) -> None:
     (record,) = result.history
     assert math.isfinite(record["loss"]) and record["groups"] >= 1
     assert (tmp_path / "out" / "metrics.jsonl").is_file()
+    # the reward's parts are logged next to the weighted total they make
+    weights = trainer.reward.weights
+    combined = (
+        weights.final * record["reward_final"]
+        + weights.reflection * record["reward_reflection"]
+        + weights.format * record["reward_format"]
+    )
+    assert record["reward_mean"] == pytest.approx(combined)
+    assert record["reward_format"] <= 0.0
 
 
 def test_rl_config_reads_a_file(tmp_path: Any) -> None:

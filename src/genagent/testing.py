@@ -206,6 +206,8 @@ def tiny_qwen2_5_vl(
     hidden_size: int = 64,
     layers: int = 2,
     max_pixels: int = 112 * 112,
+    heads: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Build a tiny random Qwen2.5-VL and save it, with its processor, to ``folder``.
 
@@ -220,6 +222,10 @@ def tiny_qwen2_5_vl(
         hidden_size: Width of the language model.
         layers: Decoder layers.
         max_pixels: Largest image area the image processor keeps (small keeps tests fast).
+        heads: Attention heads of the language model (default ``hidden_size // 16``, at
+            least 2); key/value heads are half of them (grouped-query attention).
+        tie_word_embeddings: Share the input embeddings with the output projection, as the
+            small Qwen2.5 models do.
 
     Returns:
         The folder.
@@ -245,7 +251,15 @@ def tiny_qwen2_5_vl(
     processor = image_only_processor("qwen2_5_vl")(
         image_processor=image_processor, tokenizer=tok, chat_template=QWEN_VL_CHAT_TEMPLATE
     )
-    heads = max(2, hidden_size // 16)
+    heads = heads if heads is not None else max(2, hidden_size // 16)
+    if hidden_size % heads or (hidden_size // heads) % 2 or hidden_size // heads < 8:
+        raise ValueError(
+            f"hidden_size {hidden_size} must split into {heads} heads of an even number of "
+            "dimensions, at least 8 (the 3-D rope sections need it)"
+        )
+    half = hidden_size // heads // 2  # rotary frequencies, split over time, height, width
+    rest = half - half // 4
+    mrope_section = [half // 4, rest // 2, rest - rest // 2]  # [2, 3, 3] for 16-dim heads
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tok),
@@ -258,11 +272,12 @@ def tiny_qwen2_5_vl(
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1e6,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": mrope_section,
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": tie_word_embeddings,
         },
         vision_config={
             "depth": 2,
@@ -280,6 +295,7 @@ def tiny_qwen2_5_vl(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
     )
     model_class: Any = Qwen2_5_VLForConditionalGeneration
     model = model_class(config).eval()

@@ -105,6 +105,12 @@ class _Request:
     cancelled: bool = False  # the caller stopped waiting: stop decoding it
 
 
+def _row_order(seq: _Sequence) -> tuple[int, int, list[int]]:
+    """Sort key of a batch's rows: by prompt length, seed, then prompt ids."""
+    seed = seq.request.sampling.seed
+    return (len(seq.prompt_ids), -1 if seed is None else seed, seq.prompt_ids)
+
+
 @dataclass(frozen=True)
 class _Sampling:
     """The sampling a request gets, the model's generation_config filling what it leaves unset."""
@@ -443,6 +449,9 @@ class TransformersPolicy:
                     request.future.set_exception(_as_policy_error(exc, "preparing the prompt"))
             if not sequences:
                 return
+            # rows in an order that does not depend on arrival: a row's floating-point result
+            # can depend on its place in the batch, and arrival order depends on timing
+            sequences.sort(key=_row_order)
             self.stats.batches += 1
             self.stats.sequences += len(sequences)
             try:

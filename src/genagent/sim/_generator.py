@@ -180,7 +180,7 @@ def layout(
         "bottom": (0.04, 0.54, 0.96, 0.94),
     }
     boxes: list[tuple[float, float, float, float]] = [full] * len(objects)
-    for zone in set(zones):
+    for zone in dict.fromkeys(zones):  # first-seen order: a set's order varies per process
         members = [i for i, z in enumerate(zones) if z == zone]
         rng.shuffle(members)
         x0, y0, x1, y1 = zone_box[zone]

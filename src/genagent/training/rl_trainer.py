@@ -442,8 +442,16 @@ class RLTrainer(Trainer):
                 min_std=config.min_std,
             )
             totals = [t for g in groups for t in g.totals]
+            outputs = [r for g in groups for r in g.rewards]
             info = {
                 "reward_mean": sum(totals) / len(totals) if totals else 0.0,
+                # the unweighted parts, to see which one moves
+                **{
+                    f"reward_{part}": (
+                        sum(getattr(r, part) for r in outputs) / len(outputs) if outputs else 0.0
+                    )
+                    for part in ("final", "reflection", "format")
+                },
                 "groups": float(len(groups)),
                 "groups_with_signal": float(
                     sum(g.advantages(min_std=config.min_std).has_signal for g in groups)
