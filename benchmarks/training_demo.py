@@ -300,7 +300,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key, _, value = item.partition("=")
         if key not in s:
             raise SystemExit(f"unknown setting {key!r}; known: {', '.join(sorted(s))}")
-        s[key] = type(s[key])(value)
+        try:
+            s[key] = type(s[key])(value)
+        except ValueError:
+            raise SystemExit(
+                f"--set {key}={value!r}: {key} takes a {type(s[key]).__name__}"
+            ) from None
     torch.manual_seed(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="genagent-training-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import pytest
 from genagent.errors import ConfigurationError
 from genagent.training.distributed import (
     VLLMSyncError,
+    end_processes,
     gather_groups,
     shard,
     sync_lora_to_vllm,
@@ -70,6 +71,7 @@ def test_one_process_world_and_gather_are_the_identity(monkeypatch: pytest.Monke
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     assert world().rank == 3 and not world().is_main  # launched, group not initialised yet
+    end_processes()  # no process group: nothing to end
 
 
 # --------------------------------------------------------------------------- vLLM sync
@@ -242,6 +244,7 @@ def _worker(out_dir: str, model: str) -> None:
     report["grads"] = [p.grad.tolist() for p in params if p.grad is not None]
     report["sum"] = float(all_reduce_sum(torch.tensor(float(rank + 1))))
     (out / f"report_rank{rank}.json").write_text(json.dumps(report))
+    end_processes()  # or a rank may abort at exit while the other still talks to it
 
 
 def _free_port() -> int:
@@ -250,12 +253,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(out: Path, model: str, processes: int, timeout_s: float) -> None:
-    """Start the ranks as ``accelerate launch --cpu`` would (its environment), wait for them."""
+def _launch(
+    out: Path,
+    model: str,
+    processes: int,
+    timeout_s: float,
+    worker: str = "_worker",
+    module: str = "tests.test_training_distributed",
+) -> None:
+    """Start the ranks as ``accelerate launch --cpu`` would (its environment), wait for them.
+
+    Ranks still running after ``timeout_s`` (a hang in a collective) are killed, and the test
+    fails with their logs.
+    """
     port = _free_port()
-    code = f"from tests.test_training_distributed import _worker; _worker({str(out)!r}, {model!r})"
+    code = f"from {module} import {worker}; {worker}({str(out)!r}, {model!r})"
     procs = []
-    logs_open = []
     for rank in range(processes):
         env = {
             **os.environ,
@@ -270,35 +283,30 @@ def _launch(out: Path, model: str, processes: int, timeout_s: float) -> None:
             "OMP_NUM_THREADS": "1",
             "CUDA_VISIBLE_DEVICES": "",
         }
-        log = (out / f"log_rank{rank}.txt").open("w")
-        logs_open.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        with (out / f"log_rank{rank}.txt").open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code], env=env, cwd=REPO, stdout=log, stderr=log
+                )
             )
-        )
     deadline = time.monotonic() + timeout_s
+    hung = False
     try:
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        pass
+        hung = True
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for log in logs_open:
-            log.close()
     logs = "\n".join(
         f"--- rank {r} (exit {p.returncode}) ---\n"
         + (out / f"log_rank{r}.txt").read_text(errors="replace")[-4000:]
         for r, p in enumerate(procs)
     )
+    assert not hung, f"the ranks did not finish within {timeout_s} s (a hang?)\n{logs}"
     assert all(p.returncode == 0 for p in procs), logs
 
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .test_training_distributed import REPO, _config, _free_port, _rows
+from genagent.training.distributed import end_processes
+
+from .test_training_distributed import _config, _free_port, _launch, _rows
 
 TOLERANCE = 1e-6  # fp32 parameters after a step
 
@@ -137,58 +136,7 @@ def _worker(out_dir: str, model: str) -> None:
     (group, *_) = trainer._groups(0)
     report["refusal"] = _refuses_a_part(trainer.model, group[0])
     (out / f"report_rank{rank}.json").write_text(json.dumps(report))
-
-
-def _launch(
-    out: Path, model: str, processes: int, timeout_s: float, worker: str = "_worker"
-) -> None:
-    """Start the ranks as ``accelerate launch --cpu`` would (its environment), wait for them.
-
-    Ranks still running after ``timeout_s`` (a hang in a collective) are killed, and the test
-    fails with their logs.
-    """
-    port = _free_port()
-    code = f"from tests.test_training_fsdp import {worker}; {worker}({str(out)!r}, {model!r})"
-    procs = []
-    for rank in range(processes):
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(processes),
-            "LOCAL_WORLD_SIZE": str(processes),
-            "ACCELERATE_USE_CPU": "true",  # what `accelerate launch --cpu` sets
-            "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-        }
-        with (out / f"log_rank{rank}.txt").open("w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code], env=env, cwd=REPO, stdout=log, stderr=log
-                )
-            )
-    deadline = time.monotonic() + timeout_s
-    hung = False
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        hung = True
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    logs = "\n".join(
-        f"--- rank {r} (exit {p.returncode}) ---\n"
-        + (out / f"log_rank{r}.txt").read_text(errors="replace")[-4000:]
-        for r, p in enumerate(procs)
-    )
-    assert not hung, f"the ranks did not finish within {timeout_s} s (a hang?)\n{logs}"
-    assert all(p.returncode == 0 for p in procs), logs
+    end_processes()  # or a rank may abort at exit while the other still talks to it
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +168,7 @@ def test_fsdp2_two_processes_match_one_process_and_resume(tiny_model: Path, tmp_
         pytest.skip(f"no loopback TCP port for the process group: {exc}")
 
     (tmp_path / "two").mkdir()
-    _launch(tmp_path / "two", str(tiny_model), processes=2, timeout_s=150)
+    _launch(tmp_path / "two", str(tiny_model), 2, 150, module=__name__)
     reports = [json.loads((tmp_path / "two" / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert report["distributed_type"] == "FSDP" and report["fsdp2"]
@@ -465,6 +413,7 @@ def _rl_worker(out_dir: str, model: str) -> None:
         "policy_model_is_root": trainer.policy.model is trainer.runtime.unwrap(trainer.model),
     }
     (out / f"report_rank{rank}.json").write_text(json.dumps(report))
+    end_processes()  # or a rank may abort at exit while the other still talks to it
 
 
 def _rl_one_process(
@@ -509,7 +458,7 @@ def test_fsdp2_rl_local_rollouts_do_not_hang_and_match_one_process(
     two = tmp_path / "two"
     two.mkdir()
     # a hang (ranks waiting in an all-gather the other never joins) is killed and fails here
-    _launch(two, str(tiny_model), processes=2, timeout_s=RL_LAUNCH_TIMEOUT_S, worker="_rl_worker")
+    _launch(two, str(tiny_model), 2, RL_LAUNCH_TIMEOUT_S, worker="_rl_worker", module=__name__)
     reports = [json.loads((two / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert report["distributed_type"] == "FSDP" and report["fsdp2"]

@@ -406,11 +406,13 @@ def train_sft(
 ) -> None:
     """Supervised fine-tuning (assistant-only loss) of the model in CONFIG."""
     from genagent.training.config import SFTConfig
+    from genagent.training.distributed import end_processes
     from genagent.training.sft import SFTTrainer
 
     _training_log_to_stderr()
     sft_config = SFTConfig.from_file(config, set_ or [])
     result = SFTTrainer(sft_config, resume_from=resume).train()
+    end_processes()
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     console.print(
         f"trained {result.steps} steps (last loss {last:.4f}); saved to {result.final_dir}",
@@ -441,11 +443,13 @@ def train_rl(
     ] = None,
 ) -> None:
     """Agentic RL (multi-turn GRPO with resampling and branching) of the model in CONFIG."""
+    from genagent.training.distributed import end_processes
     from genagent.training.rl import RLConfig, RLTrainer
 
     _training_log_to_stderr()
     rl_config = RLConfig.from_file(config, set_ or [])
     result = RLTrainer(rl_config, resume_from=resume).train()
+    end_processes()
     last = result.history[-1] if result.history else {}
     console.print(
         f"trained {result.steps} RL steps (last reward mean "

@@ -39,6 +39,7 @@ __all__ = [
     "all_reduce_gradients",
     "all_reduce_mean",
     "all_reduce_sum",
+    "end_processes",
     "gather_groups",
     "gather_objects",
     "is_distributed",
@@ -87,6 +88,21 @@ def is_distributed() -> bool:
     """Whether a ``torch.distributed`` process group of more than one process is initialised."""
     dist = _dist()
     return dist is not None and int(dist.get_world_size()) > 1
+
+
+def end_processes() -> None:
+    """End a distributed run: wait for every process, then shut the process group down.
+
+    Call it once at the end of a script run by ``accelerate launch`` or ``torchrun`` (``genagent
+    train`` does). A process that exits while another still talks to it can otherwise abort
+    (gloo: "terminate called without an active exception"), which the launcher reports as a
+    failed run. Does nothing when no process group is initialised.
+    """
+    dist = _dist()
+    if dist is None:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _env_int(name: str, default: int) -> int:
