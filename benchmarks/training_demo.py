@@ -93,6 +93,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "rl_group": 8,
         "rl_lr": 3e-4,
         "rl_temperature": 0.7,
+        "rl_reflection_weight": 0.5,  # RewardWeights' default
         "max_new_tokens": 1024,
     },
     "quick": {
@@ -110,6 +111,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "rl_group": 2,
         "rl_lr": 2e-4,
         "rl_temperature": 1.0,
+        "rl_reflection_weight": 0.5,
         "max_new_tokens": 48,
     },
 }
@@ -414,7 +416,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log_every=10_000,
         tensorboard=False,
     )
-    reward = RLReward(SceneJudge(mode="fraction"), reflection=ReflectionAccuracy(SceneJudge()))
+    from genagent.training.rewards import RewardWeights
+
+    reward = RLReward(
+        SceneJudge(mode="fraction"),
+        reflection=ReflectionAccuracy(SceneJudge()),
+        weights=RewardWeights(reflection=s["rl_reflection_weight"]),
+    )
     trainer = RLTrainer(
         rl_config,
         reward=reward,
@@ -435,7 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": rl_result.steps,
         "reward_mean_per_step": [round(h.get("reward_mean", 0.0), 4) for h in rl_result.history],
         # the unweighted parts: the final image's SceneJudge fraction, reflection accuracy,
-        # format penalties (the total is final + 0.5 * reflection + format)
+        # format penalties (the total is final + rl_reflection_weight * reflection + format)
         **{
             f"reward_{part}_per_step": [
                 round(h.get(f"reward_{part}", 0.0), 4) for h in rl_result.history
