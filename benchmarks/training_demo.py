@@ -339,19 +339,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     timings["build_model_s"] = time.perf_counter() - t0
 
+    def evaluate_stage(stage: str, model_dir: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        runs = evaluate(model_dir, held_out, s["max_new_tokens"], args.seed)
+        return summarize(stage, runs, time.perf_counter() - t0)
+
     # the teacher, for reference, on the held-out tasks
     t0 = time.perf_counter()
     teacher = summarize("heuristic teacher", heuristic_runs(held_out, args.seed + 1), 0.0)
     teacher["wall_s"] = round(time.perf_counter() - t0, 1)
 
-    t0 = time.perf_counter()
-    stages.append(
-        summarize(
-            "before SFT",
-            evaluate(base, held_out, s["max_new_tokens"], args.seed),
-            time.perf_counter() - t0,
-        )
-    )
+    stages.append(evaluate_stage("before SFT", base))
 
     t0 = time.perf_counter()
     sft_config = SFTConfig(
@@ -384,14 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     _log(f"SFT: {sft_info}")
 
-    t0 = time.perf_counter()
-    stages.append(
-        summarize(
-            "after SFT",
-            evaluate(sft_dir, held_out, s["max_new_tokens"], args.seed),
-            time.perf_counter() - t0,
-        )
-    )
+    stages.append(evaluate_stage("after SFT", sft_dir))
 
     # RL: group rollouts through the real agent with the model under training
     t0 = time.perf_counter()
@@ -457,14 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     _log(f"RL: {rl_info}")
 
-    t0 = time.perf_counter()
-    stages.append(
-        summarize(
-            "after RL",
-            evaluate(rl_dir, held_out, s["max_new_tokens"], args.seed),
-            time.perf_counter() - t0,
-        )
-    )
+    stages.append(evaluate_stage("after RL", rl_dir))
 
     return {
         "setting": "quick" if args.quick else "full",

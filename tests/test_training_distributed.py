@@ -310,8 +310,8 @@ def _launch(
     assert all(p.returncode == 0 for p in procs), logs
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL the two-process tests train (one layer, 4 image tokens)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from genagent.testing import tiny_qwen2_5_vl
@@ -321,8 +321,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.mark.timeout(180)
-def test_two_gloo_processes_match_one_process(tiny_model: Path, tmp_path: Path) -> None:
+def _require_gloo() -> Any:
+    """Skip unless two CPU processes can form a gloo group here; return ``torch``."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("accelerate")
     import torch.distributed as dist
@@ -333,6 +333,17 @@ def test_two_gloo_processes_match_one_process(tiny_model: Path, tmp_path: Path) 
         _free_port()
     except OSError as exc:
         pytest.skip(f"no loopback TCP port for the process group: {exc}")
+    return torch
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_model(tmp_path_factory)
+
+
+@pytest.mark.timeout(180)
+def test_two_gloo_processes_match_one_process(tiny_model: Path, tmp_path: Path) -> None:
+    torch = _require_gloo()
 
     (tmp_path / "two").mkdir()
     _launch(tmp_path, str(tiny_model), processes=2, timeout_s=150)

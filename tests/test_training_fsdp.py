@@ -32,7 +32,7 @@ import pytest
 
 from genagent.training.distributed import end_processes
 
-from .test_training_distributed import _config, _free_port, _launch, _rows
+from .test_training_distributed import _config, _launch, _require_gloo, _rows, _tiny_model
 
 TOLERANCE = 1e-6  # fp32 parameters after a step
 
@@ -141,31 +141,16 @@ def _worker(out_dir: str, model: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
-    from genagent.testing import tiny_qwen2_5_vl
-
-    return tiny_qwen2_5_vl(
-        tmp_path_factory.mktemp("tiny") / "model", tokenizer="byte", layers=1, max_pixels=56 * 56
-    )
+    return _tiny_model(tmp_path_factory)
 
 
 @pytest.mark.timeout(180)
 def test_fsdp2_two_processes_match_one_process_and_resume(tiny_model: Path, tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
+    torch = _require_gloo()
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    try:
-        _free_port()
-    except OSError as exc:
-        pytest.skip(f"no loopback TCP port for the process group: {exc}")
 
     (tmp_path / "two").mkdir()
     _launch(tmp_path / "two", str(tiny_model), 2, 150, module=__name__)
@@ -440,20 +425,11 @@ def _rl_one_process(
 def test_fsdp2_rl_local_rollouts_do_not_hang_and_match_one_process(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
+    torch = _require_gloo()
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    try:
-        _free_port()
-    except OSError as exc:
-        pytest.skip(f"no loopback TCP port for the process group: {exc}")
 
     two = tmp_path / "two"
     two.mkdir()
